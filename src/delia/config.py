@@ -1,0 +1,198 @@
+"""One YAML config, one typed section per stage. Unknown keys and wrong types are errors."""
+
+from __future__ import annotations
+
+import dataclasses
+import typing
+from dataclasses import dataclass, field
+from pathlib import Path
+from typing import Any
+
+import yaml
+
+from . import DeliaError
+
+
+@dataclass
+class ModelConfig:
+    name: str = "smollm2-135m-instruct"
+    """A short name of an embedded model, a local Hugging Face folder, or a Hub id."""
+    trust_remote_code: bool = False
+    """Run code shipped with the model. Off unless you turn it on."""
+    dtype: str = "float32"
+    """Weights dtype for training and generation: float32, bfloat16 or float16."""
+
+
+@dataclass
+class TaskConfig:
+    source: str = "demo"
+    """`demo` (the built-in hallucination-check task) or a file: messages JSONL, alpaca or sharegpt JSON/JSONL."""
+    train_rows: int = 48
+    """Training rows: for `demo`, how many to generate; for a file, at most this many (0 = all not held out)."""
+    eval_rows: int = 24
+    """Evaluation rows per wording group (seen and held-out wordings); for a file, an upper bound."""
+    heldout_wording_fraction: float = 0.2
+    """For a file: the share of distinct instruction wordings whose rows are held out of training."""
+    diversify: bool = True
+    """Train on many wordings of the instruction. False = one fixed wording (the ablation)."""
+    new_tokens: list[str] = field(default_factory=lambda: ["<sep>"])
+    """Special tokens added to the tokenizer and trained (their embedding rows)."""
+    description: str = "a JSON object with the keys thought and hallucination"
+    """The prior description of what the new token stands for (used for `description` init and analyses)."""
+    required_keys: list[str] = field(default_factory=lambda: ["thought", "hallucination"])
+    """Keys the answer object must hold to count as correctly formatted."""
+    label_key: str = "hallucination"
+    """Key whose value is compared with the reference for label accuracy (empty = none)."""
+
+
+@dataclass
+class SampleConfig:
+    queries: str = "alpaca_en_demo"
+    """`alpaca_en_demo` (999 Alpaca queries from the LLaMA-Factory sdist on PyPI) or a file of queries."""
+    prompt_style: str = "plain"
+    """`plain`: the query alone. `reference`: the dataset's answer in an earlier turn, then the query again."""
+    max_new_tokens: int = 256
+    temperature: float = 0.7
+    top_p: float = 0.95
+    batch_size: int = 16
+    max_queries: int = 0
+    """0 = as many as `mix.ratio` needs."""
+
+
+@dataclass
+class MixConfig:
+    ratio: float = 3.0
+    """Diverse rows per task row (paper: 100 to 520)."""
+
+
+@dataclass
+class TrainConfig:
+    lora_r: int = 16
+    lora_alpha: int = 16
+    lora_dropout: float = 0.05
+    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    learning_rate: float = 2e-4
+    epochs: float = 1.0
+    batch_size: int = 0
+    """Effective batch (rows per optimizer step). 0 = the paper's rule: 64, or 16 under 256 rows."""
+    micro_batch_size: int = 4
+    """Rows per forward pass; the rest is gradient accumulation."""
+    warmup_ratio: float = 0.03
+    lr_scheduler: str = "constant_with_warmup"
+    max_length: int = 512
+    """Longer rows are truncated."""
+    token_init: str = "random"
+    """Init of new token rows: `random` (as the paper), `mean` (of all embeddings), `description` (mean of its tokens)."""
+    train_new_tokens: bool = True
+    """Train the embedding rows of the new tokens (peft trainable_token_indices)."""
+
+
+@dataclass
+class EvaluateConfig:
+    batch_size: int = 16
+    max_new_tokens: int = 0
+    """0 = 1.5x the longest reference answer in tokens (answers must be able to finish)."""
+
+
+@dataclass
+class RunConfig:
+    run_dir: str = "runs/demo"
+    seed: int = 0
+    arms: list[str] = field(default_factory=lambda: ["untouched", "common", "delia", "common_equal_steps"])
+    """Which rows the report holds: untouched, common (1 epoch), delia, common_equal_steps."""
+    model: ModelConfig = field(default_factory=ModelConfig)
+    task: TaskConfig = field(default_factory=TaskConfig)
+    sample: SampleConfig = field(default_factory=SampleConfig)
+    mix: MixConfig = field(default_factory=MixConfig)
+    train: TrainConfig = field(default_factory=TrainConfig)
+    evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+
+
+ARMS = ("untouched", "common", "delia", "common_equal_steps")
+
+
+def _build(cls, data: Any, where: str, path: str):
+    if not isinstance(data, dict):
+        raise DeliaError(f"{path}: {where or 'top level'}: expected a mapping, got {type(data).__name__}")
+    hints = typing.get_type_hints(cls)
+    names = {f.name for f in dataclasses.fields(cls)}
+    kwargs = {}
+    for key, value in data.items():
+        here = f"{where}.{key}" if where else str(key)
+        if key not in names:
+            raise DeliaError(f"{path}: unknown key '{here}' (known: {', '.join(sorted(names))})")
+        hint = hints[key]
+        if dataclasses.is_dataclass(hint):
+            kwargs[key] = _build(hint, value, here, path)
+        else:
+            kwargs[key] = _check(value, hint, here, path)
+    return cls(**kwargs)
+
+
+def _check(value: Any, hint: Any, where: str, path: str) -> Any:
+    origin = typing.get_origin(hint)
+    if origin is list:
+        (inner,) = typing.get_args(hint)
+        if not isinstance(value, list):
+            raise DeliaError(f"{path}: '{where}': expected a list, got {value!r}")
+        return [_check(v, inner, f"{where}[{i}]", path) for i, v in enumerate(value)]
+    if hint is float and not isinstance(value, bool):
+        # YAML 1.1 reads `2e-4` (no dot) as a string; accept any number written as text.
+        try:
+            return float(value)
+        except (TypeError, ValueError):
+            pass
+    elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        return value
+    raise DeliaError(f"{path}: '{where}': expected {hint.__name__}, got {value!r}")
+
+
+def _validate(cfg: RunConfig, path: str) -> RunConfig:
+    for arm in cfg.arms:
+        if arm not in ARMS:
+            raise DeliaError(f"{path}: 'arms': unknown arm '{arm}' (known: {', '.join(ARMS)})")
+    if cfg.train.token_init not in ("random", "mean", "description"):
+        raise DeliaError(f"{path}: 'train.token_init': expected random, mean or description, got {cfg.train.token_init!r}")
+    if cfg.sample.prompt_style not in ("plain", "reference"):
+        raise DeliaError(f"{path}: 'sample.prompt_style': expected plain or reference, got {cfg.sample.prompt_style!r}")
+    if cfg.mix.ratio < 0:
+        raise DeliaError(f"{path}: 'mix.ratio': must be >= 0, got {cfg.mix.ratio}")
+    return cfg
+
+
+def parse_override(text: str) -> tuple[list[str], Any]:
+    """`train.learning_rate=1e-3` -> (['train', 'learning_rate'], 0.001); values are read as YAML."""
+    if "=" not in text:
+        raise DeliaError(f"--set {text}: expected KEY=VALUE, for example train.learning_rate=1e-3")
+    key, value = text.split("=", 1)
+    return key.strip().split("."), yaml.safe_load(value)
+
+
+def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or the defaults when path is None) and apply `a.b=value` overrides."""
+    data: dict = {}
+    where = str(path) if path else "<defaults>"
+    if path:
+        try:
+            text = Path(path).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DeliaError(f"{path}: cannot read config: {e}") from None
+        try:
+            data = yaml.safe_load(text) or {}
+        except yaml.YAMLError as e:
+            mark = getattr(e, "problem_mark", None)
+            line = f":{mark.line + 1}" if mark else ""
+            raise DeliaError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    for text in overrides:
+        keys, value = parse_override(text)
+        node = data
+        for k in keys[:-1]:
+            node = node.setdefault(k, {})
+            if not isinstance(node, dict):
+                raise DeliaError(f"--set {text}: '{k}' is not a section")
+        node[keys[-1]] = value
+    return _validate(_build(RunConfig, data, "", where), where)
+
+
+def config_dict(cfg: RunConfig) -> dict:
+    return dataclasses.asdict(cfg)

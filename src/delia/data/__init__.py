@@ -1,0 +1,1 @@
+"""Data stages: task rows, diverse (self-sampled) rows, mixing."""

@@ -1,0 +1,110 @@
+"""One loader for chat data: messages JSONL, alpaca and sharegpt shapes, in JSON or JSONL files.
+
+Every row becomes `{"messages": [{"role": ..., "content": ...}, ...]}`. Bad input raises a DeliaError
+naming the file, the line and the field.
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+from typing import Iterator
+
+from .. import DeliaError
+
+ROLES = ("system", "user", "assistant")
+_SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, object]]:
+    """Yield (line number, decoded object): a JSON array file or one JSON value per line."""
+    path = Path(path)
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DeliaError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DeliaError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x})") from None
+    if not text.strip():
+        raise DeliaError(f"{path}:1: the file is empty")
+    if text.lstrip().startswith("["):
+        try:
+            items = json.loads(text)
+        except json.JSONDecodeError as e:
+            raise DeliaError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+        # a JSON array: report rows by their index; line numbers are not kept by json
+        for i, item in enumerate(items):
+            yield i + 1, item
+        return
+    for n, line in enumerate(text.splitlines(), 1):
+        if not line.strip():
+            continue
+        try:
+            yield n, json.loads(line)
+        except json.JSONDecodeError as e:
+            raise DeliaError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def to_messages(obj: object, where: str, need_answer: bool = True) -> list[dict]:
+    """Convert one record (messages, sharegpt or alpaca shape) to a validated message list."""
+    if not isinstance(obj, dict):
+        raise DeliaError(f"{where}: expected a JSON object, got {type(obj).__name__}")
+    if "messages" in obj:
+        messages = obj["messages"]
+        field = "messages"
+        if not isinstance(messages, list):
+            raise DeliaError(f"{where}: field 'messages': expected a list")
+        out = []
+        for i, m in enumerate(messages):
+            if not isinstance(m, dict):
+                raise DeliaError(f"{where}: field 'messages[{i}]': expected an object")
+            out.append({"role": m.get("role"), "content": m.get("content")})
+    elif "conversations" in obj:
+        field = "conversations"
+        turns = obj["conversations"]
+        if not isinstance(turns, list):
+            raise DeliaError(f"{where}: field 'conversations': expected a list")
+        out = []
+        for i, t in enumerate(turns):
+            if not isinstance(t, dict):
+                raise DeliaError(f"{where}: field 'conversations[{i}]': expected an object")
+            role = _SHAREGPT_ROLES.get(t.get("from"))
+            if role is None:
+                raise DeliaError(f"{where}: field 'conversations[{i}].from': unknown speaker {t.get('from')!r}")
+            out.append({"role": role, "content": t.get("value")})
+    elif "instruction" in obj:
+        field = "instruction"
+        for key in ("instruction", "input", "output"):
+            if key in obj and not isinstance(obj[key], str):
+                raise DeliaError(f"{where}: field '{key}': expected a string")
+        query = obj["instruction"] + (f"\n\n{obj['input']}" if obj.get("input") else "")
+        out = [{"role": "user", "content": query}]
+        if obj.get("output"):
+            out.append({"role": "assistant", "content": obj["output"]})
+    else:
+        raise DeliaError(f"{where}: no 'messages', 'conversations' or 'instruction' field")
+    _validate(out, where, field, need_answer)
+    return out
+
+
+def _validate(messages: list[dict], where: str, field: str, need_answer: bool) -> None:
+    if not messages:
+        raise DeliaError(f"{where}: field '{field}': empty conversation")
+    for i, m in enumerate(messages):
+        if m["role"] not in ROLES:
+            raise DeliaError(f"{where}: field '{field}[{i}].role': expected one of {', '.join(ROLES)}, got {m['role']!r}")
+        if not isinstance(m["content"], str):
+            raise DeliaError(f"{where}: field '{field}[{i}].content': expected a string")
+    turns = [m for m in messages if m["role"] != "system"]
+    if not turns or turns[0]["role"] != "user":
+        raise DeliaError(f"{where}: field '{field}': the first turn after the system prompt must be the user's")
+    if need_answer and turns[-1]["role"] != "assistant":
+        raise DeliaError(f"{where}: field '{field}': the last turn must be the assistant's answer")
+
+
+def load_conversations(path: str | Path, need_answer: bool = True) -> list[list[dict]]:
+    """All conversations of a file, validated."""
+    return [to_messages(obj, f"{path}:{n}", need_answer) for n, obj in read_records(path)]

@@ -1,0 +1,82 @@
+"""The `task` stage: task rows for training and evaluation, split by instruction wording.
+
+Evaluation rows come in two groups: `seen` (wordings that also occur in training, new content) and
+`heldout` (wordings never in training). For a file, a row's wording is the last paragraph of its first
+user turn (the text after the last blank line), as in the paper's data.
+"""
+
+from __future__ import annotations
+
+import math
+import random
+from collections import defaultdict
+from pathlib import Path
+
+from .. import DeliaError
+from ..config import TaskConfig
+from . import demo_task
+from .formats import load_conversations
+
+
+def wording_of(messages: list[dict]) -> str:
+    user = next(m["content"] for m in messages if m["role"] == "user")
+    return user.rstrip().split("\n\n")[-1].strip()
+
+
+def _set_wording(row: dict, wording: str) -> dict:
+    """The same row with its instruction wording replaced (for the one-fixed-wording ablation)."""
+    messages = [dict(m) for m in row["messages"]]
+    user = next(m for m in messages if m["role"] == "user")
+    head, sep, _ = user["content"].rstrip().rpartition("\n\n")
+    user["content"] = head + sep + wording if sep else wording
+    return {**row, "messages": messages, "wording": wording}
+
+
+def build_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
+    """(training rows, evaluation rows); each evaluation row carries `group`: seen or heldout."""
+    if cfg.source == "demo":
+        train = demo_task.make_rows(cfg.train_rows, demo_task.TRAIN_WORDINGS, seed)
+        used = {r["question"] for r in train}
+        seen = demo_task.make_rows(cfg.eval_rows, demo_task.TRAIN_WORDINGS, seed + 1, avoid=used)
+        used |= {r["question"] for r in seen}
+        heldout = demo_task.make_rows(cfg.eval_rows, demo_task.HELDOUT_WORDINGS, seed + 2, avoid=used)
+    else:
+        train, seen, heldout = _split_file(cfg, seed)
+    for token in cfg.new_tokens:
+        for row in train:
+            if not any(token in m["content"] for m in row["messages"] if m["role"] == "user"):
+                raise DeliaError(f"{cfg.source}: a training row lacks the new token {token!r}: {row['wording'][:80]!r}")
+    if not cfg.diversify:
+        fixed = train[0]["wording"]
+        train = [_set_wording(r, fixed) for r in train]
+    evals = [{**r, "group": "seen"} for r in seen] + [{**r, "group": "heldout"} for r in heldout]
+    return train, evals
+
+
+def _split_file(cfg: TaskConfig, seed: int):
+    path = Path(cfg.source)
+    rows = [{"messages": m, "wording": wording_of(m)} for m in load_conversations(path)]
+    by_wording: dict[str, list[dict]] = defaultdict(list)
+    for row in rows:
+        by_wording[row["wording"]].append(row)
+    wordings = sorted(by_wording)
+    rng = random.Random(seed)
+    rng.shuffle(wordings)
+    n_heldout = math.ceil(cfg.heldout_wording_fraction * len(wordings)) if cfg.heldout_wording_fraction > 0 else 0
+    if n_heldout >= len(wordings):
+        raise DeliaError(f"{path}: only {len(wordings)} distinct wordings; lower task.heldout_wording_fraction")
+    heldout = [r for w in wordings[:n_heldout] for r in by_wording[w]][: cfg.eval_rows]
+    train, seen = [], []
+    for w in wordings[n_heldout:]:
+        group = by_wording[w]
+        # a wording with two or more rows lends one to the seen-wording evaluation, keeps the rest
+        if len(group) > 1 and len(seen) < cfg.eval_rows:
+            seen.append(group[-1])
+            group = group[:-1]
+        train.extend(group)
+    rng.shuffle(train)
+    if cfg.train_rows:
+        train = train[: cfg.train_rows]
+    if not train:
+        raise DeliaError(f"{path}: no training rows left after holding out evaluation rows")
+    return train, seen, heldout

@@ -1,0 +1,1 @@
+"""Evaluation: formatted-text accuracy and label accuracy."""

@@ -1,0 +1,1 @@
+"""Model and token handling: loading, new special tokens, generation."""

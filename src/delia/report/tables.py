@@ -1,0 +1,120 @@
+"""The `report` stage: the untouched model, common instruction tuning and DELIA side by side.
+
+Two comparisons, both always shown: the paper's (one epoch for every trained arm) and equal optimizer
+steps (common instruction tuning repeats its rows until it has taken as many steps as DELIA).
+"""
+
+from __future__ import annotations
+
+import json
+from pathlib import Path
+
+from ..config import RunConfig, config_dict
+from ..runfolder import MANIFEST, write_json, write_text
+
+LABELS = {
+    "untouched": "Untouched model",
+    "common": "Common instruction tuning (1 epoch)",
+    "delia": "DELIA (1 epoch)",
+    "common_equal_steps": "Common instruction tuning (DELIA's steps)",
+}
+COMPARISONS = [
+    ("One epoch each (the paper's protocol)", ["untouched", "common", "delia"]),
+    ("Equal optimizer steps", ["common_equal_steps", "delia"]),
+]
+
+
+def _manifest(path: Path) -> dict | None:
+    return json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else None
+
+
+def _pct(x) -> str:
+    return "-" if x is None else f"{100 * x:.1f} %"
+
+
+def collect(cfg: RunConfig) -> dict:
+    run = Path(cfg.run_dir)
+    arms = {}
+    for arm in cfg.arms:
+        ev = _manifest(run / "eval" / arm)
+        tr = _manifest(run / "train" / arm)
+        if ev is None:
+            continue
+        arms[arm] = {"metrics": ev["outputs"], "eval_seconds": ev["seconds"],
+                     "train": tr["outputs"] if tr else None, "train_seconds": tr["seconds"] if tr else None}
+    stages = {}
+    for sub in ("task", "sample", "mix"):
+        m = _manifest(run / sub)
+        if m:
+            stages[sub] = {"seconds": m["seconds"], **{k: v for k, v in m["outputs"].items() if not isinstance(v, dict)}}
+            if sub == "sample":
+                stages[sub]["queries"] = m["outputs"].get("queries", {}).get("source")
+    for arm, row in arms.items():
+        if row["train_seconds"] is not None:
+            stages[f"train:{arm}"] = {"seconds": row["train_seconds"]}
+        stages[f"evaluate:{arm}"] = {"seconds": row["eval_seconds"]}
+    return {"arms": arms, "stages": stages, "config": config_dict(cfg)}
+
+
+def _row(arm: str, r: dict) -> str:
+    m, t = r["metrics"], r["train"] or {}
+    seen, held = m.get("seen", {}), m.get("heldout", {})
+    steps = t.get("steps", 0)
+    cells = [
+        LABELS[arm], _pct(seen.get("format_accuracy")), _pct(held.get("format_accuracy")),
+        "-" if m.get("format_gap") is None else f"{100 * m['format_gap']:+.1f}",
+        _pct(seen.get("label_accuracy")), _pct(held.get("label_accuracy")),
+        str(steps), f"{t['epochs']:.2f}" if t else "-", f"{t.get('trained_tokens', 0):,}" if t else "-",
+        f"{t['seconds']:.0f} s" if t else "-",
+    ]
+    return "| " + " | ".join(cells) + " |"
+
+
+HEADER = ("| Arm | Format acc. (seen wordings) | Format acc. (held-out wordings) | Gap (points) | "
+          "Label acc. (seen) | Label acc. (held-out) | Optimizer steps | Epochs (passes over task rows) | "
+          "Trained tokens | Train time |\n|---|---|---|---|---|---|---|---|---|---|")
+
+
+def render(data: dict) -> str:
+    cfg = data["config"]
+    arms = data["arms"]
+    any_arm = next(iter(arms.values()), None)
+    lines = [f"# DELIA report: {cfg['run_dir']}", ""]
+    lines.append(f"Model `{cfg['model']['name']}`, task `{cfg['task']['source']}`, new tokens "
+                 f"{', '.join(f'`{t}`' for t in cfg['task']['new_tokens'])}, diverse ratio {cfg['mix']['ratio']:g}x, "
+                 f"seed {cfg['seed']}.")
+    if any_arm:
+        m = any_arm["metrics"]
+        lines.append(f"Evaluation: {m.get('seen', {}).get('n', 0)} rows with training wordings (seen), "
+                     f"{m.get('heldout', {}).get('n', 0)} with held-out wordings; greedy decoding, up to "
+                     f"{m['max_new_tokens']} new tokens.")
+    lines.append("")
+    for title, order in COMPARISONS:
+        present = [a for a in order if a in arms]
+        if len(present) < 2:
+            continue
+        lines += [f"## {title}", "", HEADER] + [_row(a, arms[a]) for a in present] + [""]
+    tr = cfg["train"]
+    lines += ["## Settings", "",
+              f"LoRA r {tr['lora_r']}, alpha {tr['lora_alpha']}, dropout {tr['lora_dropout']} on "
+              f"{', '.join(tr['target_modules'])}; lr {tr['learning_rate']:g} ({tr['lr_scheduler']}, warm-up "
+              f"{tr['warmup_ratio']:g}); effective batch {tr['batch_size'] or 'paper rule (64, 16 under 256 rows)'} "
+              f"(micro-batch {tr['micro_batch_size']}); new-token init `{tr['token_init']}`, new-token rows "
+              f"{'trained' if tr['train_new_tokens'] else 'frozen'}; loss on assistant tokens only.",
+              f"trust_remote_code: {'ON' if cfg['model']['trust_remote_code'] else 'off'}.",
+              "The untouched model is evaluated with its own tokenizer (the new token is plain text to it).", "",
+              "## Stage times", "", "| Stage | Seconds | Notes |", "|---|---|---|"]
+    for name, info in data["stages"].items():
+        notes = ", ".join(f"{k}={v}" for k, v in info.items() if k != "seconds")
+        lines.append(f"| {name} | {info['seconds']:.1f} | {notes} |")
+    lines.append(f"| total | {sum(i['seconds'] for i in data['stages'].values()):.1f} | |")
+    return "\n".join(lines) + "\n"
+
+
+def write_report(cfg: RunConfig) -> Path:
+    data = collect(cfg)
+    run = Path(cfg.run_dir)
+    write_json(run / "report.json", data)
+    path = run / "report.md"
+    write_text(path, render(data))
+    return path

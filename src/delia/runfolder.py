@@ -1,0 +1,121 @@
+"""Run folders: atomic writes, JSONL files and the small manifest every stage leaves behind."""
+
+from __future__ import annotations
+
+import hashlib
+import json
+import os
+import platform
+import tempfile
+import time
+from contextlib import contextmanager
+from importlib import metadata
+from pathlib import Path
+from typing import Any, Iterable, Iterator
+
+MANIFEST = "manifest.json"
+_VERSIONED = ("delia", "torch", "transformers", "peft", "datasets", "accelerate")
+
+
+@contextmanager
+def atomic_path(path: str | Path) -> Iterator[Path]:
+    """Yield a temporary path beside `path`; rename it over `path` only if the block succeeds."""
+    path = Path(path)
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd, tmp = tempfile.mkstemp(prefix=f".{path.name}.", suffix=".tmp", dir=path.parent)
+    os.close(fd)
+    try:
+        yield Path(tmp)
+        os.replace(tmp, path)
+    finally:
+        if os.path.exists(tmp):
+            os.unlink(tmp)
+
+
+def write_text(path: str | Path, text: str) -> None:
+    with atomic_path(path) as tmp:
+        tmp.write_text(text, encoding="utf-8")
+
+
+def write_json(path: str | Path, obj: Any) -> None:
+    write_text(path, json.dumps(obj, indent=2, ensure_ascii=False) + "\n")
+
+
+def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
+    n = 0
+    with atomic_path(path) as tmp, open(tmp, "w", encoding="utf-8") as f:
+        for row in rows:
+            f.write(json.dumps(row, ensure_ascii=False) + "\n")
+            n += 1
+    return n
+
+
+def read_jsonl(path: str | Path) -> list[dict]:
+    with open(path, encoding="utf-8") as f:
+        return [json.loads(line) for line in f if line.strip()]
+
+
+def file_sha256(path: str | Path) -> str:
+    h = hashlib.sha256()
+    with open(path, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            h.update(block)
+    return h.hexdigest()
+
+
+def fingerprint(obj: Any) -> str:
+    """A short stable hash of JSON-able settings."""
+    return hashlib.sha256(json.dumps(obj, sort_keys=True, default=str).encode()).hexdigest()[:16]
+
+
+def versions() -> dict[str, str]:
+    out = {"python": platform.python_version()}
+    for name in _VERSIONED:
+        try:
+            out[name] = metadata.version(name)
+        except metadata.PackageNotFoundError:
+            pass
+    return out
+
+
+class Stage:
+    """Times one stage and writes its manifest (inputs with hashes, settings, versions, times).
+
+    A stage whose manifest already holds the same key (settings + input hashes) is complete, so
+    `delia run` skips it on a rerun; a changed input or setting makes it run again.
+    """
+
+    def __init__(self, folder: str | Path, name: str, settings: dict, inputs: dict[str, str | Path] | None = None):
+        self.folder = Path(folder)
+        self.name = name
+        self.settings = settings
+        self.inputs = {k: {"path": str(p), "sha256": file_sha256(p)} for k, p in (inputs or {}).items()}
+        self.key = fingerprint({"settings": settings, "inputs": self.inputs})
+        self.outputs: dict[str, Any] = {}
+        self.started = time.time()
+
+    def done(self) -> dict | None:
+        """The earlier manifest if this exact stage already finished, else None."""
+        path = self.folder / MANIFEST
+        if not path.exists():
+            return None
+        old = json.loads(path.read_text())
+        return old if old.get("key") == self.key and old.get("status") == "done" else None
+
+    def finish(self, **outputs: Any) -> dict:
+        self.outputs.update(outputs)
+        finished = time.time()
+        manifest = {
+            "stage": self.name,
+            "status": "done",
+            "key": self.key,
+            "inputs": self.inputs,
+            "settings": self.settings,
+            "outputs": self.outputs,
+            "versions": versions(),
+            "started": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(self.started)),
+            "finished": time.strftime("%Y-%m-%dT%H:%M:%S", time.localtime(finished)),
+            "seconds": round(finished - self.started, 2),
+        }
+        write_json(self.folder / MANIFEST, manifest)
+        return manifest

@@ -1,0 +1,1 @@
+"""Training: chat tokenization with response-only labels, and LoRA SFT."""

@@ -1,0 +1,185 @@
+"""The `train` stage: LoRA SFT with loss on assistant tokens only and trainable new-token rows.
+
+Built on transformers' `Trainer` and peft, so the same code runs under `accelerate launch`.
+"""
+
+from __future__ import annotations
+
+import json
+import math
+import time
+from pathlib import Path
+
+import torch
+
+from .. import DeliaError
+from ..config import ModelConfig, TaskConfig, TrainConfig
+from ..model.tokens import add_new_tokens
+from ..runfolder import write_json
+
+IGNORE = -100
+TOKENS_FILE = "delia_tokens.json"
+
+
+def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
+    """input_ids and labels of one conversation; labels are -100 except on the assistant turns
+    (their text and the end-of-turn token that closes them)."""
+    full = tokenizer.apply_chat_template(messages, tokenize=False)
+    spans = []
+    for i, m in enumerate(messages):
+        if m["role"] != "assistant":
+            continue
+        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
+        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
+        if not (upto.startswith(before) and full.startswith(upto)):
+            raise DeliaError("the chat template does not render conversations prefix by prefix; "
+                             "cannot find the assistant tokens to train on")
+        spans.append((len(before), len(upto)))
+    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
+    labels = [
+        tok if any(a <= start < b for a, b in spans) else IGNORE
+        for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])
+    ]
+    return {"input_ids": enc["input_ids"][:max_length], "labels": labels[:max_length]}
+
+
+def effective_batch(cfg: TrainConfig, n_rows: int) -> int:
+    """The paper's rule unless set: 64, or 16 under 256 rows."""
+    if cfg.batch_size:
+        return cfg.batch_size
+    return 64 if n_rows >= 256 else 16
+
+
+def embedding_module_name(model) -> str:
+    target = model.get_input_embeddings()
+    return next(name.split(".")[-1] for name, mod in model.named_modules() if mod is target)
+
+
+class _CountingCollator:
+    """Pads a batch and counts the tokens that go through training (all, and those with a loss)."""
+
+    def __init__(self, tokenizer):
+        from transformers import DataCollatorForSeq2Seq
+
+        self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+        self.tokens = 0
+        self.loss_tokens = 0
+
+    def __call__(self, features):
+        batch = self.inner(features)
+        self.tokens += int(batch["attention_mask"].sum())
+        self.loss_tokens += int((batch["labels"] != IGNORE).sum())
+        return batch
+
+
+def train_lora(
+    model,
+    tokenizer,
+    rows: list[dict],
+    cfg: TrainConfig,
+    task: TaskConfig,
+    out_dir: Path,
+    seed: int,
+    max_steps: int = 0,
+) -> dict:
+    """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
+    and save it with the tokenizer in `out_dir/adapter`. Returns the run's figures."""
+    from datasets import Dataset
+    from peft import LoraConfig, get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments
+
+    new_ids = add_new_tokens(model, tokenizer, task.new_tokens, cfg.token_init, task.description, seed)
+    tokenizer.padding_side = "right"
+    examples = [tokenize_chat(tokenizer, r["messages"], cfg.max_length) for r in rows]
+    examples = [e for e in examples if any(l != IGNORE for l in e["labels"])]
+    if not examples:
+        raise DeliaError("no training row has an assistant token left (raise train.max_length?)")
+    batch = effective_batch(cfg, len(examples))
+    micro = min(cfg.micro_batch_size, batch)
+    if batch % micro:
+        raise DeliaError(f"train.batch_size {batch} is not a multiple of train.micro_batch_size {micro}")
+    lora = LoraConfig(
+        r=cfg.lora_r,
+        lora_alpha=cfg.lora_alpha,
+        lora_dropout=cfg.lora_dropout,
+        target_modules=list(cfg.target_modules),
+        task_type="CAUSAL_LM",
+        trainable_token_indices={embedding_module_name(model): new_ids} if cfg.train_new_tokens and new_ids else None,
+    )
+    model = get_peft_model(model, lora)
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loss_log = out_dir / "loss.jsonl"
+    loss_log.unlink(missing_ok=True)
+
+    class LogLoss(TrainerCallback):
+        def on_log(self, args, state, control, logs=None, **kw):
+            if logs and "loss" in logs:
+                with open(loss_log, "a") as f:
+                    f.write(json.dumps({"step": state.global_step, "loss": logs["loss"],
+                                        "lr": logs.get("learning_rate")}) + "\n")
+
+    collator = _CountingCollator(tokenizer)
+    args = TrainingArguments(
+        output_dir=str(out_dir / "checkpoints"),
+        per_device_train_batch_size=micro,
+        gradient_accumulation_steps=batch // micro,
+        learning_rate=cfg.learning_rate,
+        num_train_epochs=cfg.epochs,
+        max_steps=max_steps or -1,
+        lr_scheduler_type=cfg.lr_scheduler,
+        warmup_steps=cfg.warmup_ratio,
+        logging_steps=1,
+        save_strategy="no",
+        report_to="none",
+        seed=seed,
+        data_seed=seed,
+        remove_unused_columns=False,
+        bf16=model.dtype == torch.bfloat16,
+        disable_tqdm=False,
+    )
+    trainer = Trainer(
+        model=model,
+        args=args,
+        train_dataset=Dataset.from_list(examples),
+        data_collator=collator,
+        callbacks=[LogLoss()],
+    )
+    started = time.time()
+    result = trainer.train()
+    seconds = time.time() - started
+    adapter = out_dir / "adapter"
+    # the new rows are in the adapter (trainable tokens) and the rest of the embedding is the base's,
+    # re-created on load by the same deterministic init: no need to save the whole resized matrix
+    model.save_pretrained(adapter, save_embedding_layers=False)
+    tokenizer.save_pretrained(adapter)
+    write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens, "init": cfg.token_init,
+                                       "description": task.description, "seed": seed})
+    losses = [json.loads(line)["loss"] for line in open(loss_log)] if loss_log.exists() else []
+    return {
+        "rows": len(examples),
+        "task_rows": sum(r.get("source", "task") == "task" for r in rows),
+        "batch_size": batch,
+        "micro_batch_size": micro,
+        "steps": trainer.state.global_step,
+        "epochs": round(trainer.state.epoch or 0.0, 3),
+        "trained_tokens": collator.tokens,
+        "loss_tokens": collator.loss_tokens,
+        "train_loss": round(result.training_loss, 4),
+        "first_loss": losses[0] if losses else None,
+        "last_loss": losses[-1] if losses else None,
+        "seconds": round(seconds, 1),
+        "new_token_ids": new_ids,
+    }
+
+
+def steps_for_one_epoch(n_rows: int, cfg: TrainConfig) -> int:
+    return math.ceil(n_rows / effective_batch(cfg, n_rows))
+
+
+def load_adapter(model, tokenizer, adapter_dir: Path):
+    """Re-create the new tokens exactly as in training, then attach the saved adapter."""
+    from peft import PeftModel
+
+    meta = json.loads((Path(adapter_dir) / TOKENS_FILE).read_text())
+    add_new_tokens(model, tokenizer, meta["tokens"], meta["init"], meta["description"], meta["seed"])
+    return PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer

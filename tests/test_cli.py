@@ -1,0 +1,43 @@
+import subprocess
+import sys
+
+
+def _delia(*args, cwd):
+    return subprocess.run([sys.executable, "-m", "delia.cli", *args], capture_output=True, text=True, cwd=cwd)
+
+
+def test_bad_config_one_line_exit_2(tmp_path):
+    (tmp_path / "c.yaml").write_text("train:\n  lora_r: sixteen\n")
+    out = _delia("task", "c.yaml", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip().splitlines() == ["delia: error: c.yaml: 'train.lora_r': expected int, got 'sixteen'"]
+
+
+def test_invalid_yaml_names_the_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("run_dir: x\ntrain: [unclosed\n")
+    out = _delia("task", "c.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr
+    assert out.stderr.startswith("delia: error: c.yaml:") and "invalid YAML" in out.stderr
+
+
+def test_bad_task_file_exit_2_and_nothing_written(tmp_path):
+    (tmp_path / "data.jsonl").write_text('{"messages": [{"role": "user", "content": "q <sep>"}]}\n')
+    (tmp_path / "c.yaml").write_text("run_dir: run\ntask:\n  source: data.jsonl\n")
+    out = _delia("task", "c.yaml", cwd=tmp_path)
+    assert out.returncode == 2
+    assert out.stderr.strip() == "delia: error: data.jsonl:1: field 'messages': the last turn must be the assistant's answer"
+    assert not (tmp_path / "run" / "task" / "train.jsonl").exists()
+
+
+def test_task_stage_writes_rows_and_manifest(tmp_path):
+    (tmp_path / "c.yaml").write_text("run_dir: run\ntask:\n  train_rows: 10\n  eval_rows: 4\n")
+    assert _delia("task", "c.yaml", cwd=tmp_path).returncode == 0
+    folder = tmp_path / "run" / "task"
+    assert len((folder / "train.jsonl").read_text().splitlines()) == 10
+    assert len((folder / "eval.jsonl").read_text().splitlines()) == 8
+    import json
+
+    manifest = json.loads((folder / "manifest.json").read_text())
+    assert manifest["status"] == "done" and manifest["outputs"]["train_rows"] == 10 and "transformers" in manifest["versions"]
+    again = _delia("task", "c.yaml", cwd=tmp_path)
+    assert "up to date" in again.stdout

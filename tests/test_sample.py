@@ -1,0 +1,57 @@
+import json
+
+import pytest
+
+from delia.config import ModelConfig, SampleConfig
+from delia.data import sample as sample_mod
+from delia.model.generate import LocalGenerator
+
+QUERIES = [[{"role": "user", "content": f"Give {i} tips for staying healthy."},
+            {"role": "assistant", "content": f"Reference answer {i}."}] for i in range(10)]
+
+
+def _run(folder, model_dir, style="plain"):
+    cfg = SampleConfig(max_new_tokens=6, batch_size=3, prompt_style=style)
+    return sample_mod.sample_diverse(QUERIES, ModelConfig(name=model_dir), cfg, 10, folder, seed=3)
+
+
+def test_resume_after_interruption_loses_and_duplicates_nothing(tiny_model_dir, tmp_path, monkeypatch):
+    full_path, stats = _run(tmp_path / "full", tiny_model_dir)
+    assert stats["rows"] + stats["empty_answers"] == 10
+
+    real = LocalGenerator.batches
+
+    def dies_after_two(self, *a, **kw):
+        for i, batch in enumerate(real(self, *a, **kw)):
+            if i == 2:
+                raise KeyboardInterrupt
+            yield batch
+
+    monkeypatch.setattr(LocalGenerator, "batches", dies_after_two)
+    with pytest.raises(KeyboardInterrupt):
+        _run(tmp_path / "cut", tiny_model_dir)
+    cache = tmp_path / "cut" / "cache.jsonl"
+    assert len(cache.read_text().splitlines()) == 6  # two whole batches of 3
+    assert not (tmp_path / "cut" / "diverse.jsonl").exists()
+    with open(cache, "a") as f:  # a crash in the middle of a write leaves half a line
+        f.write('{"key": "half')
+    monkeypatch.setattr(LocalGenerator, "batches", real)
+    cut_path, cut_stats = _run(tmp_path / "cut", tiny_model_dir)
+    assert cut_stats["resumed_from_cache"] == 6
+    assert cut_path.read_text() == full_path.read_text()  # same rows, same order, same text
+    keys = [json.loads(l)["key"] for l in cache.read_text().splitlines() if l.startswith('{"key": "') and l.endswith("}")]
+    assert len(keys) == len(set(keys)) == 10
+
+
+def test_reference_style_prompt_shows_the_answer_first():
+    query, prompt = sample_mod.build_prompt(QUERIES[1], "reference", "q")
+    assert [m["role"] for m in prompt] == ["system", "user", "assistant", "user"]
+    assert prompt[1]["content"] == prompt[3]["content"] == query
+    assert prompt[2]["content"] == "Reference answer 1."
+
+
+def test_rows_record_prompt_style(tiny_model_dir, tmp_path):
+    path, _ = _run(tmp_path, tiny_model_dir, style="reference")
+    rows = [json.loads(l) for l in path.read_text().splitlines()]
+    assert rows and all(r["prompt_style"] == "reference" and r["source"] == "diverse" for r in rows)
+    assert rows[0]["messages"][0]["content"] == QUERIES[0][0]["content"]

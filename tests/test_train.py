@@ -1,0 +1,74 @@
+import torch
+
+from delia.config import TaskConfig, TrainConfig
+from delia.model.tokens import add_new_tokens
+from delia.train.sft import IGNORE, load_adapter, tokenize_chat, train_lora
+
+MESSAGES = [
+    {"role": "user", "content": "Question: What is 2 + 2? Answer: 4. Follow the <sep> format."},
+    {"role": "assistant", "content": '{"thought": "2 + 2 is 4.", "hallucination": "no"}'},
+]
+
+
+def test_prompt_tokens_are_masked(tiny):
+    _, tokenizer = tiny
+    enc = tokenize_chat(tokenizer, MESSAGES, max_length=512)
+    trained = [t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE]
+    assert enc["labels"][0] == IGNORE
+    text = tokenizer.decode(trained)
+    # exactly the answer and the end of its turn carry a loss
+    assert text.strip() == MESSAGES[1]["content"] + "<|im_end|>"
+    prompt = tokenizer.apply_chat_template(MESSAGES[:1], add_generation_prompt=True, tokenize=False)
+    n_prompt = len(tokenizer(prompt, add_special_tokens=False)["input_ids"])
+    assert all(l == IGNORE for l in enc["labels"][:n_prompt])
+
+
+def test_multi_turn_trains_every_assistant_turn(tiny):
+    _, tokenizer = tiny
+    conv = MESSAGES + [{"role": "user", "content": "again"}, {"role": "assistant", "content": "yes"}]
+    enc = tokenize_chat(tokenizer, conv, max_length=512)
+    trained = tokenizer.decode([t for t, l in zip(enc["input_ids"], enc["labels"]) if l != IGNORE])
+    assert "hallucination" in trained and "yes<|im_end|>" in trained and "again" not in trained
+
+
+def test_token_inits(tiny):
+    model, tokenizer = tiny
+    emb = model.get_input_embeddings().weight
+    mean_before = emb.detach().mean(0).clone()
+    ids = add_new_tokens(model, tokenizer, ["<sep>"], "mean")
+    assert tokenizer.convert_ids_to_tokens(tokenizer("a <sep> b")["input_ids"]).count("<sep>") == 1
+    assert torch.allclose(model.get_input_embeddings().weight[ids[0]], mean_before, atol=1e-6)
+
+
+def test_training_moves_new_token_row_only(tiny, tmp_path):
+    model, tokenizer = tiny
+    rows = [{"messages": MESSAGES, "source": "task"}] * 8
+    cfg = TrainConfig(batch_size=4, micro_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0)
+    task = TaskConfig(new_tokens=["<sep>"])
+    base_vocab = len(tokenizer)
+    before = model.get_input_embeddings().weight.detach().clone()
+    stats = train_lora(model, tokenizer, rows, cfg, task, tmp_path, seed=0)
+    assert stats["steps"] == 2 and stats["loss_tokens"] > 0
+    sep = stats["new_token_ids"][0]
+    assert sep == base_vocab
+    # the merged view of the embedding: base rows unchanged, the new row trained
+    reloaded_base, tok2 = load_adapter(*_fresh(tmp_path), tmp_path / "adapter")
+    merged = reloaded_base.merge_and_unload().get_input_embeddings().weight.detach()
+    assert torch.equal(merged[:base_vocab], before[:base_vocab])
+    init_row = _fresh_init_row(tmp_path)
+    assert not torch.allclose(merged[sep], init_row)
+    assert (tmp_path / "loss.jsonl").read_text().count("\n") == 2
+
+
+def _fresh(tmp_path):
+    from delia.model.loading import load_model
+    import json
+
+    base = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())["base_model_name_or_path"]
+    return load_model(base)
+
+
+def _fresh_init_row(tmp_path):
+    model, tokenizer = _fresh(tmp_path)
+    ids = add_new_tokens(model, tokenizer, ["<sep>"], "random", seed=0)
+    return model.get_input_embeddings().weight[ids[0]].detach()
