@@ -20,7 +20,8 @@ def test_shapes(tmp_path, content, expected):
 
 @pytest.mark.parametrize("content, message", [
     ("", ":1: the file is empty"),
-    ('{"messages": []}\n{"messages": [', ":2: invalid JSON"),
+    ('{"instruction": "q", "output": "a"}\n{"messages": [', ":2: invalid JSON"),
+    ('{"messages": []}', ":1: field 'messages': empty conversation"),
     ('{"messages": [{"role": "assistant", "content": "a"}]}', ":1: field 'messages': the first turn"),
     ('{"messages": [{"role": "bot", "content": "a"}]}', ":1: field 'messages[0].role'"),
     ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}', "messages[0].content"),

@@ -46,6 +46,9 @@ def stage_task(cfg: RunConfig) -> dict:
     train, evals = build_task(cfg.task, cfg.seed)
     write_jsonl(folder / "train.jsonl", train)
     write_jsonl(folder / "eval.jsonl", evals)
+    # what the new tokens stand for, kept with the task for the token analyses
+    write_json(folder / "task.json", {"new_tokens": cfg.task.new_tokens, "description": cfg.task.description,
+                                      "required_keys": cfg.task.required_keys, "label_key": cfg.task.label_key})
     wordings = {r["wording"] for r in train}
     return stage.finish(train_rows=len(train), eval_rows=len(evals), train_wordings=len(wordings),
                         eval_seen=sum(r["group"] == "seen" for r in evals),

@@ -39,15 +39,18 @@ def build_prompt(conversation: list[dict], style: str, where: str) -> tuple[str,
 
 
 def _read_cache(path: Path) -> dict[str, dict]:
+    """Answers already in the cache. A last line cut short by a crash is cut off, so the next
+    append starts on a fresh line; its request is simply generated again."""
     done: dict[str, dict] = {}
     if not path.exists():
         return done
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
     with open(path, encoding="utf-8") as f:
         for line in f:
-            try:
-                row = json.loads(line)
-            except json.JSONDecodeError:
-                continue  # a line cut short by a crash: that request is simply redone
+            row = json.loads(line)
             done[row["key"]] = row
     return done
 

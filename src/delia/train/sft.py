@@ -6,14 +6,13 @@ Built on transformers' `Trainer` and peft, so the same code runs under `accelera
 from __future__ import annotations
 
 import json
-import math
 import time
 from pathlib import Path
 
 import torch
 
 from .. import DeliaError
-from ..config import ModelConfig, TaskConfig, TrainConfig
+from ..config import TaskConfig, TrainConfig
 from ..model.tokens import add_new_tokens
 from ..runfolder import write_json
 
@@ -170,10 +169,6 @@ def train_lora(
         "seconds": round(seconds, 1),
         "new_token_ids": new_ids,
     }
-
-
-def steps_for_one_epoch(n_rows: int, cfg: TrainConfig) -> int:
-    return math.ceil(n_rows / effective_batch(cfg, n_rows))
 
 
 def load_adapter(model, tokenizer, adapter_dir: Path):
