@@ -41,3 +41,9 @@ def test_task_stage_writes_rows_and_manifest(tmp_path):
     assert manifest["status"] == "done" and manifest["outputs"]["train_rows"] == 10 and "transformers" in manifest["versions"]
     again = _delia("task", "c.yaml", cwd=tmp_path)
     assert "up to date" in again.stdout
+
+
+def test_missing_task_file_is_one_line(tmp_path):
+    (tmp_path / "c.yaml").write_text("run_dir: run\ntask:\n  source: nowhere.jsonl\n")
+    out = _delia("task", "c.yaml", cwd=tmp_path)
+    assert out.returncode == 2 and out.stderr.strip() == "delia: error: nowhere.jsonl: task: input file not found"

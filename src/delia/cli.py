@@ -25,11 +25,17 @@ def _parser() -> argparse.ArgumentParser:
 
     verb("run", "run the whole chain and print the report")
     verb("task", "build the task's training and evaluation rows")
+    verb("diversify", "paraphrase the task's instruction wordings (word-level diversity)")
     verb("sample", "self-sample diverse rows with the target model")
     verb("mix", "mix task rows with diverse rows")
     verb("train", "LoRA fine-tune one arm", arm=True)
     verb("evaluate", "evaluate one arm", arm=True)
     verb("report", "write report.md and report.json")
+    v = verb("serve", "an OpenAI-compatible chat server over the model (and an adapter)")
+    v.add_argument("--adapter", help="adapter folder, e.g. runs/demo/train/delia/adapter")
+    v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
+    v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--faults", type=float, default=0.0, help="share of requests to fail on purpose (testing)")
     return p
 
 
@@ -47,6 +53,16 @@ def main(argv: list[str] | None = None) -> int:
         elif args.verb == "report":
             path = pipeline.stage_report(cfg)
             print(path.read_text())
+        elif args.verb == "serve":
+            from .model.loading import load_model
+            from .serve import serve
+
+            model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
+            if args.adapter:
+                from .train.sft import load_adapter
+
+                model, tokenizer = load_adapter(model, tokenizer, args.adapter)
+            serve(model, tokenizer, cfg.model.name, args.host, args.port, args.faults)
         elif args.verb in ("train", "evaluate"):
             getattr(pipeline, f"stage_{args.verb}")(cfg, args.arm)
         else:

@@ -24,6 +24,22 @@ class ModelConfig:
 
 
 @dataclass
+class GenerationConfig:
+    backend: str = "local"
+    """`local` (transformers, batched) or `openai` (any OpenAI-compatible chat completions server)."""
+    base_url: str = ""
+    """For `openai`: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
+    server_model: str = ""
+    """For `openai`: the model name the server knows (default: model.name)."""
+    api_key_env: str = ""
+    """For `openai`: the name of the environment variable holding the API key (never the key itself)."""
+    concurrency: int = 8
+    max_retries: int = 6
+    timeout: float = 120.0
+    """Seconds per request before it counts as failed and is retried."""
+
+
+@dataclass
 class TaskConfig:
     source: str = "demo"
     """`demo` (the built-in hallucination-check task) or a file: messages JSONL, alpaca or sharegpt JSON/JSONL."""
@@ -57,6 +73,20 @@ class SampleConfig:
     batch_size: int = 16
     max_queries: int = 0
     """0 = as many as `mix.ratio` needs."""
+
+
+@dataclass
+class DiversifyConfig:
+    paraphrases: int = 0
+    """Paraphrases asked per distinct training wording (0 = stage off; the task's own wordings are used)."""
+    temperature: float = 0.9
+    top_p: float = 0.95
+    max_new_tokens: int = 96
+    batch_size: int = 16
+    min_similarity: float = 0.6
+    """Keep a paraphrase only if its cosine similarity with the original is at least this..."""
+    max_similarity: float = 0.98
+    """...and at most this (near-copies add no diversity)."""
 
 
 @dataclass
@@ -101,8 +131,10 @@ class RunConfig:
     arms: list[str] = field(default_factory=lambda: ["untouched", "common", "delia", "common_equal_steps"])
     """Which rows the report holds: untouched, common (1 epoch), delia, common_equal_steps."""
     model: ModelConfig = field(default_factory=ModelConfig)
+    generation: GenerationConfig = field(default_factory=GenerationConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
     sample: SampleConfig = field(default_factory=SampleConfig)
+    diversify: DiversifyConfig = field(default_factory=DiversifyConfig)
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
@@ -155,6 +187,10 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         raise DeliaError(f"{path}: 'train.token_init': expected random, mean or description, got {cfg.train.token_init!r}")
     if cfg.sample.prompt_style not in ("plain", "reference"):
         raise DeliaError(f"{path}: 'sample.prompt_style': expected plain or reference, got {cfg.sample.prompt_style!r}")
+    if cfg.generation.backend not in ("local", "openai"):
+        raise DeliaError(f"{path}: 'generation.backend': expected local or openai, got {cfg.generation.backend!r}")
+    if cfg.generation.backend == "openai" and not cfg.generation.base_url:
+        raise DeliaError(f"{path}: 'generation.base_url': the openai backend needs the server's URL")
     if cfg.mix.ratio < 0:
         raise DeliaError(f"{path}: 'mix.ratio': must be >= 0, got {cfg.mix.ratio}")
     return cfg

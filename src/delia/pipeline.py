@@ -12,7 +12,7 @@ from pathlib import Path
 from . import DeliaError
 from .config import RunConfig, config_dict
 from .data.mix import mix_with_diverse
-from .data.queries import load_queries
+from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
 from .data.task import build_task
 from .runfolder import Stage, read_jsonl, write_json, write_jsonl
@@ -55,31 +55,76 @@ def stage_task(cfg: RunConfig) -> dict:
                         eval_heldout=sum(r["group"] == "heldout" for r in evals))
 
 
+def task_rows_path(cfg: RunConfig) -> Path:
+    """The training rows DELIA mixes: diversified if that stage is on, else the task's own."""
+    sub = "diversify" if cfg.diversify.paraphrases > 0 else "task"
+    return _run_dir(cfg) / sub / "train.jsonl"
+
+
+def stage_diversify(cfg: RunConfig) -> dict:
+    from .data.diversify import (SentenceEmbedder, apply_wordings, clean_answer, filter_paraphrases,
+                                 paraphrase_requests)
+    from .data.generation_cache import generate_cached
+    from .model.generate import make_generator
+
+    task_train = _run_dir(cfg) / "task" / "train.jsonl"
+    folder = _run_dir(cfg) / "diversify"
+    d = cfg.diversify
+    settings = {"diversify": config_dict(cfg)["diversify"], "model": cfg.model.name, "backend": cfg.generation.backend,
+                "server_model": cfg.generation.server_model, "seed": cfg.seed}
+    stage = Stage(folder, "diversify", settings, {"task": task_train})
+    if done := _skip(stage):
+        return done
+    rows = read_jsonl(task_train)
+    wordings = sorted({r["wording"] for r in rows})
+    gen_settings = {"temperature": d.temperature, "top_p": d.top_p, "max_new_tokens": d.max_new_tokens,
+                    "seed": cfg.seed}
+    pairs = paraphrase_requests(wordings, d.paraphrases, cfg.task.new_tokens,
+                                cfg.generation.server_model or cfg.model.name, gen_settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    answers, cached = generate_cached(
+        [r for _, r in pairs], folder / "cache.jsonl", lambda: make_generator(cfg.model, cfg.generation, d.batch_size),
+        d.max_new_tokens, d.temperature, d.top_p, cfg.seed, desc="diversify")
+    candidates = [(w, clean_answer(answers[r.key]["answer"])) for w, r in pairs]
+    records = filter_paraphrases(candidates, cfg.task.new_tokens, SentenceEmbedder(),
+                                 (d.min_similarity, d.max_similarity))
+    for rec in records:
+        rec.update(backend=cfg.generation.backend, model=cfg.generation.server_model or cfg.model.name, seed=cfg.seed)
+    write_jsonl(folder / "wordings.jsonl", records)
+    write_jsonl(folder / "train.jsonl", apply_wordings(rows, records, cfg.seed))
+    kept = sum(r["kept"] for r in records)
+    return stage.finish(wordings=len(wordings), asked=len(records), kept=kept, resumed_from_cache=cached,
+                        train_wordings=len({r["paraphrase"] for r in records if r["kept"]} | set(wordings)))
+
+
 def diverse_rows_needed(cfg: RunConfig, n_task: int) -> int:
     return math.floor(cfg.mix.ratio * n_task + 0.5)
 
 
 def stage_sample(cfg: RunConfig) -> dict:
-    task_train = _run_dir(cfg) / "task" / "train.jsonl"
+    task_train = task_rows_path(cfg)
     n_task = len(read_jsonl(task_train))
     want = cfg.sample.max_queries or diverse_rows_needed(cfg, n_task)
     folder = _run_dir(cfg) / "sample"
-    settings = {"sample": config_dict(cfg)["sample"], "model": cfg.model.name, "n": want, "seed": cfg.seed}
-    stage = Stage(folder, "sample", settings)
+    settings = {"sample": config_dict(cfg)["sample"], "model": cfg.model.name, "n": want, "seed": cfg.seed,
+                "backend": cfg.generation.backend}
+    inputs = {} if cfg.sample.queries == ALPACA_DEMO else {"queries": cfg.sample.queries}
+    stage = Stage(folder, "sample", settings, inputs)
     if done := _skip(stage):
         return done
     conversations, provenance = load_queries(cfg.sample.queries)
-    path, stats = sample_diverse(conversations, cfg.model, cfg.sample, want, folder, cfg.seed)
+    path, stats = sample_diverse(conversations, cfg.model, cfg.sample, want, folder, cfg.seed, cfg.generation)
     return stage.finish(diverse=str(path), queries=provenance, **stats)
 
 
 def stage_mix(cfg: RunConfig) -> dict:
     folder = _run_dir(cfg) / "mix"
     task_train = _run_dir(cfg) / "task" / "train.jsonl"
-    inputs = {"task": task_train}
+    delia_task = task_rows_path(cfg)
     diverse = _run_dir(cfg) / "sample" / "diverse.jsonl"
+    inputs = {"task": task_train}
     if "delia" in cfg.arms:
-        inputs["diverse"] = diverse
+        inputs.update(delia_task=delia_task, diverse=diverse)
     stage = Stage(folder, "mix", {"ratio": cfg.mix.ratio, "seed": cfg.seed}, inputs)
     if done := _skip(stage):
         return done
@@ -87,7 +132,7 @@ def stage_mix(cfg: RunConfig) -> dict:
     write_jsonl(folder / "common.jsonl", mix_with_diverse(task_rows, [], 0, cfg.seed))
     outputs = {"common_rows": len(task_rows)}
     if "delia" in cfg.arms:
-        rows = mix_with_diverse(task_rows, read_jsonl(diverse), cfg.mix.ratio, cfg.seed)
+        rows = mix_with_diverse(read_jsonl(delia_task), read_jsonl(diverse), cfg.mix.ratio, cfg.seed)
         write_jsonl(folder / "delia.jsonl", rows)
         outputs["delia_rows"] = len(rows)
         outputs["delia_diverse_rows"] = sum(r["source"] == "diverse" for r in rows)
@@ -158,6 +203,8 @@ def run_all(cfg: RunConfig) -> Path:
     """The whole chain for the configured arms; returns the report's path."""
     stage_task(cfg)
     if "delia" in cfg.arms:
+        if cfg.diversify.paraphrases > 0:
+            stage_diversify(cfg)
         stage_sample(cfg)
     stage_mix(cfg)
     order = [a for a in ("delia", "common", "common_equal_steps") if a in cfg.arms]

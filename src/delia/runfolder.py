@@ -13,6 +13,8 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
+from . import DeliaError
+
 MANIFEST = "manifest.json"
 _VERSIONED = ("delia", "torch", "transformers", "peft", "datasets", "accelerate")
 
@@ -89,6 +91,9 @@ class Stage:
         self.folder = Path(folder)
         self.name = name
         self.settings = settings
+        for path in (inputs or {}).values():
+            if not Path(path).is_file():
+                raise DeliaError(f"{path}: {name}: input file not found")
         self.inputs = {k: {"path": str(p), "sha256": file_sha256(p)} for k, p in (inputs or {}).items()}
         self.key = fingerprint({"settings": settings, "inputs": self.inputs})
         self.outputs: dict[str, Any] = {}

@@ -1,0 +1,63 @@
+"""Generation with an append-only cache: one JSON line per answer, keyed by the request.
+
+Answers are appended and synced after every batch, so a killed run resumes without losing or
+duplicating rows; `sample` and `diversify` both generate through here.
+"""
+
+from __future__ import annotations
+
+import json
+import os
+from pathlib import Path
+from typing import Callable, Sequence
+
+from tqdm import tqdm
+
+from ..model.generate import Request
+
+
+def read_cache(path: Path) -> dict[str, dict]:
+    """Answers already in the cache. A last line cut short by a crash is cut off, so the next
+    append starts on a fresh line; its request is simply generated again."""
+    done: dict[str, dict] = {}
+    if not path.exists():
+        return done
+    data = path.read_bytes()
+    if data and not data.endswith(b"\n"):
+        with open(path, "r+b") as f:
+            f.truncate(data.rfind(b"\n") + 1)
+    with open(path, encoding="utf-8") as f:
+        for line in f:
+            row = json.loads(line)
+            done[row["key"]] = row
+    return done
+
+
+def generate_cached(
+    requests: Sequence[Request],
+    cache_path: Path,
+    make_generator: Callable[[], object],
+    max_new_tokens: int,
+    temperature: float,
+    top_p: float,
+    seed: int,
+    desc: str,
+) -> tuple[dict[str, dict], int]:
+    """({key: {"key", "answer", "tokens"}} for every request, how many came from the cache).
+    The generator is only made (the model only loaded) when something is left to generate."""
+    done = read_cache(cache_path)
+    pending = [r for r in requests if r.key not in done]
+    if pending:
+        generator = make_generator()
+        bar = tqdm(total=len(requests), initial=len(requests) - len(pending), desc=desc, unit="row")
+        with open(cache_path, "a", encoding="utf-8") as cache:
+            for batch in generator.batches(pending, max_new_tokens, temperature, top_p, seed):
+                for request, text, n_tokens in batch:
+                    row = {"key": request.key, "answer": text, "tokens": n_tokens}
+                    cache.write(json.dumps(row, ensure_ascii=False) + "\n")
+                    done[request.key] = row
+                cache.flush()
+                os.fsync(cache.fileno())
+                bar.update(len(batch))
+        bar.close()
+    return done, len(requests) - len(pending)
