@@ -18,6 +18,7 @@ from .data.task import build_task
 from .runfolder import Stage, read_jsonl, write_json, write_jsonl
 
 TRAINED_ARMS = ("common", "delia", "common_equal_steps")
+MAGPIE = "magpie"
 
 
 def _run_dir(cfg: RunConfig) -> Path:
@@ -108,13 +109,48 @@ def stage_sample(cfg: RunConfig) -> dict:
     folder = _run_dir(cfg) / "sample"
     settings = {"sample": config_dict(cfg)["sample"], "model": cfg.model.name, "n": want, "seed": cfg.seed,
                 "backend": cfg.generation.backend}
-    inputs = {} if cfg.sample.queries == ALPACA_DEMO else {"queries": cfg.sample.queries}
+    inputs = {} if cfg.sample.queries in (ALPACA_DEMO, MAGPIE) else {"queries": cfg.sample.queries}
     stage = Stage(folder, "sample", settings, inputs)
     if done := _skip(stage):
         return done
-    conversations, provenance = load_queries(cfg.sample.queries)
+    if cfg.sample.queries == MAGPIE:
+        conversations, provenance = magpie_queries(cfg, want, folder)
+    else:
+        conversations, provenance = load_queries(cfg.sample.queries)
     path, stats = sample_diverse(conversations, cfg.model, cfg.sample, want, folder, cfg.seed, cfg.generation)
     return stage.finish(diverse=str(path), queries=provenance, **stats)
+
+
+def magpie_queries(cfg: RunConfig, n: int, folder: Path) -> tuple[list[list[dict]], dict]:
+    """n self-generated queries (Magpie): 1.5x as many are generated at temperature 1.0, then
+    deduplicated; their diversity is measured beside the Alpaca demo queries'."""
+    from .data import magpie
+    from .data.diversify import SentenceEmbedder
+    from .data.generation_cache import generate_cached
+    from .model.generate import make_generator
+    from .model.loading import load_tokenizer
+
+    if cfg.generation.backend != "local":
+        raise DeliaError("sample.queries 'magpie' needs the local backend (it prompts with the raw template prefix)")
+    settings = {"temperature": 1.0, "top_p": 0.99, "max_new_tokens": 64, "seed": cfg.seed}
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    requests = magpie.query_requests(tokenizer, -(-3 * n // 2), cfg.model.name, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    answers, _ = generate_cached(requests, folder / "magpie_cache.jsonl",
+                                 lambda: make_generator(cfg.model, cfg.generation, cfg.sample.batch_size),
+                                 settings["max_new_tokens"], settings["temperature"], settings["top_p"], cfg.seed,
+                                 desc="magpie queries")
+    embed = SentenceEmbedder()
+    kept = magpie.deduplicate([answers[r.key]["answer"] for r in requests], embed)[:n]
+    write_jsonl(folder / "magpie_queries.jsonl", [{"messages": [{"role": "user", "content": q}]} for q in kept])
+    stats = {"source": f"magpie: {len(requests)} self-generated queries, {len(kept)} kept after deduplication",
+             "diversity": {"magpie": magpie.diversity(kept, embed)}}
+    try:
+        alpaca, _ = load_queries(ALPACA_DEMO)
+        stats["diversity"]["alpaca_en_demo"] = magpie.diversity([c[0]["content"] for c in alpaca[: len(kept)]], embed)
+    except DeliaError:
+        pass  # no PyPI here: report the magpie figures alone
+    return [[{"role": "user", "content": q}] for q in kept], stats
 
 
 def stage_mix(cfg: RunConfig) -> dict:

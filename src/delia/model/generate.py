@@ -19,6 +19,8 @@ class Request:
     key: str
     """A stable identity of the request (used for caching and for the batch seed)."""
     messages: list[dict]
+    text: str = ""
+    """A raw prompt, already in the model's template (Magpie-style query generation); local backend only."""
 
 
 def batch_seed(seed: int, keys: Sequence[str]) -> int:
@@ -45,7 +47,8 @@ class LocalGenerator:
         seed: int = 0,
     ) -> Iterator[list[tuple[Request, str, int]]]:
         """Yield, batch by batch, (request, generated text, generated token count)."""
-        encoded = [(self.prompt_ids(r.messages), r) for r in requests]
+        encoded = [(self.tokenizer(r.text, add_special_tokens=False)["input_ids"] if r.text else self.prompt_ids(r.messages), r)
+                   for r in requests]
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
         pad = self.tokenizer.pad_token_id
         eos = self._stop_ids()

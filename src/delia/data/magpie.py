@@ -1,0 +1,65 @@
+"""Diverse data without a query set: Magpie-style self-generated queries.
+
+The chat model is given only its template's user prefix (everything up to where a user's text would
+start), so it writes a user query itself; the queries are deduplicated (normalised text, then
+sentence-embedding cosine above a threshold) and then answered like any query set.
+"""
+
+from __future__ import annotations
+
+import itertools
+import re
+
+from ..model.generate import Request
+from ..runfolder import fingerprint
+
+_SENTINEL = "\u2063DELIA_QUERY\u2063"
+
+
+def user_prefix(tokenizer) -> str:
+    """The chat template's text up to where the first user message's content starts."""
+    text = tokenizer.apply_chat_template([{"role": "user", "content": _SENTINEL}], tokenize=False)
+    return text[: text.index(_SENTINEL)]
+
+
+def query_requests(tokenizer, n: int, model_name: str, settings: dict) -> list[Request]:
+    prefix = user_prefix(tokenizer)
+    return [Request(key=fingerprint({"magpie": i, "model": model_name, "prefix": prefix, **settings}), messages=[],
+                    text=prefix) for i in range(n)]
+
+
+def _norm(text: str) -> str:
+    return re.sub(r"\W+", " ", text.lower()).strip()
+
+
+def deduplicate(queries: list[str], embed, threshold: float = 0.9) -> list[str]:
+    """Drop empty queries, exact duplicates (normalised text) and near-duplicates (cosine >= threshold
+    with an earlier kept query), keeping first occurrences in order."""
+    seen, unique = set(), []
+    for q in queries:
+        q = q.strip()
+        if len(q) >= 8 and _norm(q) not in seen:
+            seen.add(_norm(q))
+            unique.append(q)
+    if not unique:
+        return []
+    vectors = embed(unique)
+    kept_idx: list[int] = []
+    for i in range(len(unique)):
+        if not kept_idx or float((vectors[kept_idx] @ vectors[i]).max()) < threshold:
+            kept_idx.append(i)
+    return [unique[i] for i in kept_idx]
+
+
+def diversity(queries: list[str], embed) -> dict:
+    """Distinct n-gram ratios and embedding spread (mean pairwise cosine distance) of a query set."""
+    words = [q.lower().split() for q in queries]
+    out = {"n": len(queries)}
+    for k in (1, 2):
+        grams = [tuple(w[i : i + k]) for w in words for i in range(len(w) - k + 1)]
+        out[f"distinct_{k}"] = round(len(set(grams)) / max(len(grams), 1), 4)
+    if len(queries) > 1:
+        v = embed(queries)
+        sims = [float(v[i] @ v[j]) for i, j in itertools.combinations(range(len(queries)), 2)]
+        out["embedding_spread"] = round(1 - sum(sims) / len(sims), 4)
+    return out
