@@ -54,3 +54,32 @@ def test_key_stays_out_of_repr(monkeypatch):
     monkeypatch.setenv("MY_KEY", "sk-secret-123")
     client = OpenAIGenerator("http://127.0.0.1:9/v1", "m", api_key_env="MY_KEY")
     assert "sk-secret" not in repr(client) and "sk-secret" not in str(vars(client).get("url"))
+
+
+def test_sample_stage_over_http_keeps_the_key_out_of_every_file(server, tiny_model_dir, tmp_path, monkeypatch, capfd):
+    from delia.config import load_config
+    from delia.pipeline import stage_sample, stage_task
+
+    secret = "sk-test-DO-NOT-LEAK-4242"
+    monkeypatch.setenv("DELIA_TEST_KEY", secret)
+    _, url = server(faults=0.2, fault_seed=3, slow_seconds=0.0, api_key=secret)  # the key must reach the server
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=4",
+                             "task.eval_rows=1", "mix.ratio=2", "sample.max_new_tokens=4", "generation.backend=openai",
+                             f"generation.base_url={url}", "generation.api_key_env=DELIA_TEST_KEY",
+                             "generation.max_retries=12", "generation.timeout=5"])
+    stage_task(cfg)
+    out = stage_sample(cfg)["outputs"]
+    assert out["requested"] == 8 and out["rows"] + out["empty_answers"] == 8
+    captured = capfd.readouterr()
+    assert secret not in captured.out + captured.err
+    for path in tmp_path.rglob("*"):
+        if path.is_file():
+            assert secret.encode() not in path.read_bytes(), path
+
+
+def test_wrong_key_is_refused_without_retries(server, monkeypatch):
+    monkeypatch.setenv("K", "wrong")
+    _, url = server(api_key="right")
+    client = OpenAIGenerator(url, "tiny", max_retries=5, api_key_env="K", backoff=0.01)
+    with pytest.raises(DeliaError, match="HTTP 401"):
+        _collect(client, REQUESTS[:1])

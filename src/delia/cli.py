@@ -36,6 +36,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
     v.add_argument("--faults", type=float, default=0.0, help="share of requests to fail on purpose (testing)")
+    v.add_argument("--api-key-env", default="", help="require the key held by this environment variable")
     return p
 
 
@@ -62,7 +63,10 @@ def main(argv: list[str] | None = None) -> int:
                 from .train.sft import load_adapter
 
                 model, tokenizer = load_adapter(model, tokenizer, args.adapter)
-            serve(model, tokenizer, cfg.model.name, args.host, args.port, args.faults)
+            key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
+            if args.api_key_env and not key:
+                raise DeliaError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
+            serve(model, tokenizer, cfg.model.name, args.host, args.port, args.faults, key)
         elif args.verb in ("train", "evaluate"):
             getattr(pipeline, f"stage_{args.verb}")(cfg, args.arm)
         else:

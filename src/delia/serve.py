@@ -23,8 +23,9 @@ class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-                 faults: float = 0.0, fault_seed: int = 0, slow_seconds: float = 3.0):
+                 faults: float = 0.0, fault_seed: int = 0, slow_seconds: float = 3.0, api_key: str = ""):
         super().__init__((host, port), _Handler)
+        self.api_key = api_key  # when set, requests must carry `Authorization: Bearer <key>`
         self.generator = LocalGenerator(model, tokenizer, batch_size=1)
         self.model_id = model_id
         self.faults = faults
@@ -83,6 +84,9 @@ class _Handler(BaseHTTPRequestHandler):
             self._send(404, {"error": {"message": f"no route {self.path}"}})
 
     def do_POST(self):
+        if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+            self._send(401, {"error": {"message": "missing or wrong API key"}})
+            return
         if self.path.rstrip("/") != "/v1/chat/completions":
             self._send(404, {"error": {"message": f"no route {self.path}"}})
             return
@@ -109,8 +113,9 @@ class _Handler(BaseHTTPRequestHandler):
         self._send(200, self.server.complete(body))
 
 
-def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000, faults: float = 0.0) -> None:
-    server = ChatServer(model, tokenizer, model_id, host, port, faults)
+def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000, faults: float = 0.0,
+          api_key: str = "") -> None:
+    server = ChatServer(model, tokenizer, model_id, host, port, faults, api_key=api_key)
     print(f"delia: serving {model_id} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()
