@@ -94,6 +94,9 @@ def render(data: dict) -> str:
         if len(present) < 2:
             continue
         lines += [f"## {title}", "", HEADER] + [_row(a, arms[a]) for a in present] + [""]
+    cut = [f"{LABELS[a]} {r['metrics'].get('hit_token_limit', 0)}" for a, r in arms.items()]
+    if cut:
+        lines += [f"Answers cut at the token limit: {', '.join(cut)}.", ""]
     tr = cfg["train"]
     lines += ["## Settings", "",
               f"LoRA r {tr['lora_r']}, alpha {tr['lora_alpha']}, dropout {tr['lora_dropout']} on "
