@@ -39,8 +39,10 @@ def test_delia_run_end_to_end(tmp_path):
     assert out.returncode == 0, out.stderr[-3000:]
     report = (tmp_path / "run" / "report.md").read_text()
     for label in ("Untouched model", "Common instruction tuning (1 epoch)", "DELIA (1 epoch)",
-                  "Common instruction tuning (DELIA's steps)", "Equal optimizer steps"):
+                  "Common instruction tuning (DELIA's steps)", "Equal optimizer steps",
+                  "Distance of `<sep>` to its meaning", "untouched (random init)", "untouched (mean init)"):
         assert label in report
+    assert (tmp_path / "run" / "analysis" / "token_distance.png").stat().st_size > 5000
     data = json.loads((tmp_path / "run" / "report.json").read_text())
     delia, common = data["arms"]["delia"]["train"], data["arms"]["common"]["train"]
     assert delia["steps"] == 4 and common["steps"] == 2
@@ -60,4 +62,4 @@ def test_delia_run_end_to_end(tmp_path):
     # a second run finds every stage done
     again = subprocess.run([sys.executable, "-m", "delia.cli", "run", "c.yaml"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("up to date") == 10
+    assert again.returncode == 0 and again.stdout.count("up to date") == 11

@@ -30,6 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     verb("mix", "mix task rows with diverse rows")
     verb("train", "LoRA fine-tune one arm", arm=True)
     verb("evaluate", "evaluate one arm", arm=True)
+    verb("analyze", "token-to-meaning distances of the new token, per block, with a plot")
     verb("report", "write report.md and report.json")
     v = verb("serve", "an OpenAI-compatible chat server over the model (and an adapter)")
     v.add_argument("--adapter", help="adapter folder, e.g. runs/demo/train/delia/adapter")

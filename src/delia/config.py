@@ -55,6 +55,8 @@ class TaskConfig:
     """Special tokens added to the tokenizer and trained (their embedding rows)."""
     description: str = "a JSON object with the keys thought and hallucination"
     """The prior description of what the new token stands for (used for `description` init and analyses)."""
+    keywords: list[str] = field(default_factory=lambda: ["json", "thought"])
+    """Words of the description whose hidden states the new token is compared with (token analyses)."""
     required_keys: list[str] = field(default_factory=lambda: ["thought", "hallucination"])
     """Keys the answer object must hold to count as correctly formatted."""
     label_key: str = "hallucination"

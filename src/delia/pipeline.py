@@ -229,6 +229,36 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     return stage.finish(**metrics)
 
 
+def stage_analyze(cfg: RunConfig) -> dict:
+    """Token-to-meaning distances for the untouched model (random and mean init) and every trained arm."""
+    from .analysis.token_distance import plot_distances, token_keyword_distances
+    from .model.tokens import add_new_tokens
+    from .runfolder import atomic_path
+    from .train.sft import load_adapter
+
+    folder = _run_dir(cfg) / "analysis"
+    arms = [a for a in TRAINED_ARMS if a in cfg.arms]
+    adapters = {a: _run_dir(cfg) / "train" / a / "adapter" for a in arms}
+    inputs = {a: p / "adapter_model.safetensors" for a, p in adapters.items()}
+    settings = {"task": config_dict(cfg)["task"], "model": cfg.model.name, "seed": cfg.seed}
+    stage = Stage(folder, "analyze", settings, inputs)
+    if done := _skip(stage):
+        return done
+    token, keywords = cfg.task.new_tokens[0], cfg.task.keywords
+    results = {}
+    for init in ("random", "mean"):
+        model, tokenizer = _model(cfg)
+        add_new_tokens(model, tokenizer, cfg.task.new_tokens, init, cfg.task.description, cfg.seed)
+        results[f"untouched ({init} init)"] = token_keyword_distances(model, tokenizer, token, keywords)
+    for arm, adapter in adapters.items():
+        model, tokenizer = load_adapter(*_model(cfg), adapter)
+        results[arm] = token_keyword_distances(model, tokenizer, token, keywords)
+    write_json(folder / "token_distance.json", results)
+    with atomic_path(folder / "token_distance.png") as tmp:
+        plot_distances(results, keywords, tmp)
+    return stage.finish(token=token, keywords=keywords, plot=str(folder / "token_distance.png"))
+
+
 def stage_report(cfg: RunConfig) -> Path:
     from .report.tables import write_report
 
@@ -250,4 +280,5 @@ def run_all(cfg: RunConfig) -> Path:
         stage_train(cfg, arm)
     for arm in cfg.arms:
         stage_evaluate(cfg, arm)
+    stage_analyze(cfg)
     return stage_report(cfg)

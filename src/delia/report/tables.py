@@ -53,7 +53,12 @@ def collect(cfg: RunConfig) -> dict:
         if row["train_seconds"] is not None:
             stages[f"train:{arm}"] = {"seconds": row["train_seconds"]}
         stages[f"evaluate:{arm}"] = {"seconds": row["eval_seconds"]}
-    return {"arms": arms, "stages": stages, "config": config_dict(cfg)}
+    analysis = run / "analysis" / "token_distance.json"
+    an = _manifest(run / "analysis")
+    if an:
+        stages["analyze"] = {"seconds": an["seconds"]}
+    return {"arms": arms, "stages": stages, "config": config_dict(cfg),
+            "token_distance": json.loads(analysis.read_text()) if analysis.exists() else None}
 
 
 def _row(arm: str, r: dict) -> str:
@@ -94,6 +99,8 @@ def render(data: dict) -> str:
         if len(present) < 2:
             continue
         lines += [f"## {title}", "", HEADER] + [_row(a, arms[a]) for a in present] + [""]
+    if data.get("token_distance"):
+        lines += _distance_table(data["token_distance"], cfg) + [""]
     cut = [f"{LABELS[a]} {r['metrics'].get('hit_token_limit', 0)}" for a, r in arms.items()]
     if cut:
         lines += [f"Answers cut at the token limit: {', '.join(cut)}.", ""]
@@ -112,6 +119,24 @@ def render(data: dict) -> str:
         lines.append(f"| {name} | {info['seconds']:.1f} | {notes} |")
     lines.append(f"| total | {sum(i['seconds'] for i in data['stages'].values()):.1f} | |")
     return "\n".join(lines) + "\n"
+
+
+def _distance_table(results: dict, cfg: dict) -> list[str]:
+    from ..analysis.token_distance import first_middle_last
+
+    token = cfg["task"]["new_tokens"][0]
+    keywords = cfg["task"]["keywords"]
+    head = " | ".join(f"\u201c{k}\u201d {b}" for k in keywords for b in ("first", "middle", "last"))
+    lines = [f"## Distance of `{token}` to its meaning (hidden-state L2 by block; lower is closer)", "",
+             f"| Model | {head} | input-embedding L2 ({', '.join(keywords)}) |",
+             "|---|" + "---|" * (3 * len(keywords) + 1)]
+    for name, res in results.items():
+        cells = [f"{v:.1f}" for k in keywords for v in first_middle_last(res[k]["l2"])]
+        emb = ", ".join(f"{res[k]['embedding_l2']:.2f}" for k in keywords)
+        lines.append(f"| {LABELS.get(name, name)} | {' | '.join(cells)} | {emb} |")
+    lines += ["", "![token distance by block](analysis/token_distance.png)",
+              "Definition: `delia.analysis.token_distance` (carrier sentences, slot states, averaged)."]
+    return lines
 
 
 def write_report(cfg: RunConfig) -> Path:

@@ -1,0 +1,1 @@
+"""Representation analyses: where the new token sits relative to the words of its meaning."""
