@@ -204,11 +204,11 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
 
 
 def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
-    from .evaluate.formatted import evaluate_formatted
+    from .evaluate.formatted import answer_budget, evaluate_formatted
     from .train.sft import load_adapter
 
     eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
-    inputs = {"eval": eval_path}
+    inputs = {"eval": eval_path, "task": _run_dir(cfg) / "task" / "train.jsonl"}
     adapter = _run_dir(cfg) / "train" / arm / "adapter"
     if arm != "untouched":
         if not (adapter / "adapter_config.json").exists():
@@ -223,7 +223,9 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     model, tokenizer = _model(cfg)
     if arm != "untouched":
         model, tokenizer = load_adapter(model, tokenizer, adapter)
-    metrics, generations = evaluate_formatted(model, tokenizer, read_jsonl(eval_path), cfg.task, cfg.evaluate, cfg.seed)
+    rows = read_jsonl(eval_path)
+    budget = answer_budget(tokenizer, rows + read_jsonl(_run_dir(cfg) / "task" / "train.jsonl"), cfg.evaluate)
+    metrics, generations = evaluate_formatted(model, tokenizer, rows, cfg.task, cfg.evaluate, cfg.seed, budget)
     write_jsonl(folder / "generations.jsonl", generations)
     write_json(folder / "metrics.json", metrics)
     return stage.finish(**metrics)

@@ -17,7 +17,8 @@ from .parse import extract_object, normalise_label
 
 
 def answer_budget(tokenizer, rows: list[dict], cfg: EvaluateConfig) -> int:
-    """New tokens allowed per answer: as set, else 1.5x the longest reference answer."""
+    """New tokens allowed per answer: as set, else 1.5x the longest reference answer in `rows`
+    (pass every task row, training rows too, so the budget does not depend on the split)."""
     if cfg.max_new_tokens:
         return cfg.max_new_tokens
     longest = max(len(tokenizer(r["messages"][-1]["content"], add_special_tokens=False)["input_ids"]) for r in rows)
@@ -51,9 +52,11 @@ def summarise(scored: list[dict]) -> dict:
     return out
 
 
-def evaluate_formatted(model, tokenizer, rows: list[dict], task: TaskConfig, cfg: EvaluateConfig, seed: int = 0):
-    """(metrics, per-row generations) for the evaluation rows (each with `group`: seen or heldout)."""
-    budget = answer_budget(tokenizer, rows, cfg)
+def evaluate_formatted(model, tokenizer, rows: list[dict], task: TaskConfig, cfg: EvaluateConfig, seed: int = 0,
+                       budget: int = 0):
+    """(metrics, per-row generations) for the evaluation rows (each with `group`: seen or heldout);
+    answers get `budget` new tokens (default: answer_budget over these rows)."""
+    budget = budget or answer_budget(tokenizer, rows, cfg)
     generator = LocalGenerator(model, tokenizer, cfg.batch_size)
     requests = [Request(key=str(i), messages=r["messages"][:-1]) for i, r in enumerate(rows)]
     answers: dict[str, tuple[str, int]] = {}
