@@ -1,4 +1,4 @@
-"""The DELIA chain, stage by stage: task -> sample -> mix -> train -> evaluate -> report.
+"""The DELIA chain, stage by stage: task -> [diversify] -> sample -> mix -> train -> evaluate -> analyze -> report.
 
 Each stage reads and writes files in the run folder and leaves a manifest there; a stage whose
 manifest matches its settings and inputs is skipped, so `delia run` picks up where it stopped.
@@ -49,7 +49,8 @@ def stage_task(cfg: RunConfig) -> dict:
     write_jsonl(folder / "eval.jsonl", evals)
     # what the new tokens stand for, kept with the task for the token analyses
     write_json(folder / "task.json", {"new_tokens": cfg.task.new_tokens, "description": cfg.task.description,
-                                      "required_keys": cfg.task.required_keys, "label_key": cfg.task.label_key})
+                                      "keywords": cfg.task.keywords, "required_keys": cfg.task.required_keys,
+                                      "label_key": cfg.task.label_key})
     wordings = {r["wording"] for r in train}
     return stage.finish(train_rows=len(train), eval_rows=len(evals), train_wordings=len(wordings),
                         eval_seen=sum(r["group"] == "seen" for r in evals),
