@@ -209,7 +209,8 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     from .train.sft import load_adapter
 
     eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
-    inputs = {"eval": eval_path, "task": _run_dir(cfg) / "task" / "train.jsonl"}
+    train_path = _run_dir(cfg) / "task" / "train.jsonl"
+    inputs = {"eval": eval_path, "task": train_path}
     adapter = _run_dir(cfg) / "train" / arm / "adapter"
     if arm != "untouched":
         if not (adapter / "adapter_config.json").exists():
@@ -225,7 +226,7 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     if arm != "untouched":
         model, tokenizer = load_adapter(model, tokenizer, adapter)
     rows = read_jsonl(eval_path)
-    budget = answer_budget(tokenizer, rows + read_jsonl(_run_dir(cfg) / "task" / "train.jsonl"), cfg.evaluate)
+    budget = answer_budget(tokenizer, rows + read_jsonl(train_path), cfg.evaluate)
     metrics, generations = evaluate_formatted(model, tokenizer, rows, cfg.task, cfg.evaluate, cfg.seed, budget)
     write_jsonl(folder / "generations.jsonl", generations)
     write_json(folder / "metrics.json", metrics)

@@ -8,10 +8,10 @@ sentence-embedding cosine above a threshold) and then answered like any query se
 from __future__ import annotations
 
 import itertools
-import re
 
 from ..model.generate import Request
 from ..runfolder import fingerprint
+from .diversify import normalise
 
 _SENTINEL = "\u2063DELIA_QUERY\u2063"
 
@@ -28,18 +28,14 @@ def query_requests(tokenizer, n: int, model_name: str, settings: dict) -> list[R
                     text=prefix) for i in range(n)]
 
 
-def _norm(text: str) -> str:
-    return re.sub(r"\W+", " ", text.lower()).strip()
-
-
 def deduplicate(queries: list[str], embed, threshold: float = 0.9) -> list[str]:
     """Drop empty queries, exact duplicates (normalised text) and near-duplicates (cosine >= threshold
     with an earlier kept query), keeping first occurrences in order."""
     seen, unique = set(), []
     for q in queries:
         q = q.strip()
-        if len(q) >= 8 and _norm(q) not in seen:
-            seen.add(_norm(q))
+        if len(q) >= 8 and normalise(q) not in seen:
+            seen.add(normalise(q))
             unique.append(q)
     if not unique:
         return []

@@ -1,6 +1,6 @@
-"""Batched chat generation with the local transformers backend.
+"""One generation interface, two backends: local transformers (batched) and any OpenAI-compatible server.
 
-Requests are sorted by prompt length and left-padded, so a batch wastes little compute on padding;
+Local requests are sorted by prompt length and left-padded, so a batch wastes little compute on padding;
 each batch draws from its own seed, derived from the run seed and the keys of its requests, so a
 resumed run produces the same rows as an uninterrupted one.
 """
@@ -8,10 +8,18 @@ resumed run produces the same rows as an uninterrupted one.
 from __future__ import annotations
 
 import hashlib
+import json
+import os
+import random
+import time
+import urllib.error
+import urllib.request
 from dataclasses import dataclass
 from typing import Iterator, Sequence
 
 import torch
+
+from .. import DeliaError
 
 
 @dataclass
@@ -99,8 +107,6 @@ class OpenAIGenerator:
 
     def __init__(self, base_url: str, model: str, batch_size: int = 16, concurrency: int = 8,
                  max_retries: int = 6, timeout: float = 120.0, api_key_env: str = "", backoff: float = 0.5):
-        import os
-
         self.url = base_url.rstrip("/") + "/chat/completions"
         self.model = model
         self.batch_size = batch_size
@@ -114,14 +120,6 @@ class OpenAIGenerator:
         return f"OpenAIGenerator(url={self.url!r}, model={self.model!r})"
 
     def _one(self, request: Request, max_new_tokens: int, temperature: float, top_p: float, seed: int):
-        import json
-        import random
-        import time
-        import urllib.error
-        import urllib.request
-
-        from .. import DeliaError
-
         body = json.dumps({"model": self.model, "messages": request.messages, "max_tokens": max_new_tokens,
                            "temperature": temperature, "top_p": top_p,
                            "seed": batch_seed(seed, [request.key]) % (2**31)}).encode()
