@@ -65,7 +65,7 @@ def test_sample_stage_over_http_keeps_the_key_out_of_every_file(server, tiny_mod
     _, url = server(faults=0.2, fault_seed=3, slow_seconds=0.0, api_key=secret)  # the key must reach the server
     cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=4",
                              "task.eval_rows=1", "mix.ratio=2", "sample.max_new_tokens=4", "generation.backend=openai",
-                             f"generation.base_url={url}", "generation.api_key_env=DELIA_TEST_KEY",
+                             f"generation.base_url={url}", "generation.api_key_env=DELIA_TEST_KEY", "generation.server_model=tiny",
                              "generation.max_retries=12", "generation.timeout=5"])
     stage_task(cfg)
     out = stage_sample(cfg)["outputs"]

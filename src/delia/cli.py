@@ -32,10 +32,16 @@ def _parser() -> argparse.ArgumentParser:
     verb("evaluate", "evaluate one arm", arm=True)
     verb("analyze", "token-to-meaning distances of the new token, per block, with a plot")
     verb("report", "write report.md and report.json")
+    verb("sweep", "task loss on seen and held-out wordings for each diverse ratio in sweep.ratios (1 epoch each)")
+    verb("tune-ratio", "find a good diverse ratio by successive halving on the held-out-wording loss")
+    v = verb("diagnose", "the buffering diagnostic: task-gradient direction and size with and without diverse rows")
+    v.add_argument("--arm", default="untouched", help="weights to measure at (default: the untouched model)")
+    verb("export", "merge an arm's adapter into a plain model folder (for vLLM, TGI, llama.cpp)", arm=True)
     v = verb("serve", "an OpenAI-compatible chat server over the model (and an adapter)")
     v.add_argument("--adapter", help="adapter folder, e.g. runs/demo/train/delia/adapter")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
     v.add_argument("--port", type=int, default=8000)
+    v.add_argument("--name", default="", help="model name the server answers to (default: model.name)")
     v.add_argument("--faults", type=float, default=0.0, help="share of requests to fail on purpose (testing)")
     v.add_argument("--api-key-env", default="", help="require the key held by this environment variable")
     return p
@@ -67,8 +73,14 @@ def main(argv: list[str] | None = None) -> int:
             key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
             if args.api_key_env and not key:
                 raise DeliaError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
-            serve(model, tokenizer, cfg.model.name, args.host, args.port, args.faults, key)
-        elif args.verb in ("train", "evaluate"):
+            serve(model, tokenizer, args.name or cfg.model.name, args.host, args.port, args.faults, key)
+        elif args.verb == "sweep":
+            print(f"delia: plot {pipeline.stage_sweep(cfg)}")
+        elif args.verb == "tune-ratio":
+            pipeline.stage_tune_ratio(cfg)
+        elif args.verb == "export":
+            print(f"delia: exported to {pipeline.stage_export(cfg, args.arm)}")
+        elif args.verb in ("train", "evaluate", "diagnose"):
             getattr(pipeline, f"stage_{args.verb}")(cfg, args.arm)
         else:
             getattr(pipeline, f"stage_{args.verb}")(cfg)

@@ -26,17 +26,25 @@ class ModelConfig:
 @dataclass
 class GenerationConfig:
     backend: str = "local"
-    """`local` (transformers, batched) or `openai` (any OpenAI-compatible chat completions server)."""
+    """`local` (transformers, batched), `vllm` (vLLM offline engine, GPUs) or `openai` (any
+    OpenAI-compatible chat completions server)."""
     base_url: str = ""
     """For `openai`: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
     server_model: str = ""
-    """For `openai`: the model name the server knows (default: model.name)."""
+    """For `openai`: the model name the server knows (default: model.name). To evaluate trained arms over
+    HTTP, put `{arm}` in it: each arm asks for its own model (e.g. `delia serve --name delia --adapter ...`)."""
     api_key_env: str = ""
     """For `openai`: the name of the environment variable holding the API key (never the key itself)."""
     concurrency: int = 8
     max_retries: int = 6
     timeout: float = 120.0
     """Seconds per request before it counts as failed and is retried."""
+    tensor_parallel_size: int = 1
+    """For `vllm`: GPUs per model (tensor parallelism)."""
+    gpu_memory_utilization: float = 0.9
+    """For `vllm`: share of each GPU's memory the engine may take."""
+    vllm_batch_size: int = 1024
+    """For `vllm`: requests handed to the engine at once (and written to the cache together)."""
 
 
 @dataclass
@@ -116,7 +124,12 @@ class TrainConfig:
     token_init: str = "random"
     """Init of new token rows: `random` (as the paper), `mean` (of all embeddings), `description` (mean of its tokens)."""
     train_new_tokens: bool = True
-    """Train the embedding rows of the new tokens (peft trainable_token_indices)."""
+    """Train the embedding rows of the new tokens (how: `new_token_mode`)."""
+    new_token_mode: str = "trainable_tokens"
+    """`trainable_tokens` (only the new rows, peft trainable_token_indices), `lora` (a LoRA on the
+    embedding, as the paper's reference code) or `full` (the whole embedding, peft modules_to_save)."""
+    new_token_lr: float = 0.0
+    """A separate learning rate for the embedding parameters that train (0 = learning_rate)."""
 
 
 @dataclass
@@ -124,6 +137,18 @@ class EvaluateConfig:
     batch_size: int = 16
     max_new_tokens: int = 0
     """0 = 1.5x the longest reference answer in tokens (answers must be able to finish)."""
+
+
+@dataclass
+class SweepConfig:
+    ratios: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0])
+    """Diverse ratios tried by `delia sweep` (one epoch each) and `delia tune-ratio` (successive halving)."""
+    rungs: int = 3
+    """tune-ratio: rounds of halving; the last trains one epoch, each earlier one 1/eta as long."""
+    eta: int = 2
+    """tune-ratio: keep the best 1/eta of the candidates after each rung."""
+    bootstrap: int = 1000
+    """tune-ratio: paired bootstrap resamples of the held-out rows for the confidence of the pick."""
 
 
 @dataclass
@@ -140,6 +165,7 @@ class RunConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    sweep: SweepConfig = field(default_factory=SweepConfig)
 
 
 ARMS = ("untouched", "common", "delia", "common_equal_steps")
@@ -187,12 +213,17 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
             raise DeliaError(f"{path}: 'arms': unknown arm '{arm}' (known: {', '.join(ARMS)})")
     if cfg.train.token_init not in ("random", "mean", "description"):
         raise DeliaError(f"{path}: 'train.token_init': expected random, mean or description, got {cfg.train.token_init!r}")
+    if cfg.train.new_token_mode not in ("trainable_tokens", "lora", "full"):
+        raise DeliaError(f"{path}: 'train.new_token_mode': expected trainable_tokens, lora or full, "
+                         f"got {cfg.train.new_token_mode!r}")
     if cfg.sample.prompt_style not in ("plain", "reference"):
         raise DeliaError(f"{path}: 'sample.prompt_style': expected plain or reference, got {cfg.sample.prompt_style!r}")
-    if cfg.generation.backend not in ("local", "openai"):
-        raise DeliaError(f"{path}: 'generation.backend': expected local or openai, got {cfg.generation.backend!r}")
+    if cfg.generation.backend not in ("local", "vllm", "openai"):
+        raise DeliaError(f"{path}: 'generation.backend': expected local, vllm or openai, got {cfg.generation.backend!r}")
     if cfg.generation.backend == "openai" and not cfg.generation.base_url:
         raise DeliaError(f"{path}: 'generation.base_url': the openai backend needs the server's URL")
+    if not cfg.sweep.ratios or min(cfg.sweep.ratios) < 0 or cfg.sweep.rungs < 1 or cfg.sweep.eta < 2:
+        raise DeliaError(f"{path}: 'sweep': ratios must be a non-empty list of numbers >= 0, rungs >= 1, eta >= 2")
     if cfg.mix.ratio < 0:
         raise DeliaError(f"{path}: 'mix.ratio': must be >= 0, got {cfg.mix.ratio}")
     return cfg

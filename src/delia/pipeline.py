@@ -15,7 +15,7 @@ from .data.mix import mix_with_diverse
 from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
 from .data.task import build_task
-from .runfolder import Stage, read_jsonl, write_json, write_jsonl
+from .runfolder import Stage, atomic_path, read_jsonl, write_json, write_jsonl
 
 TRAINED_ARMS = ("common", "delia", "common_equal_steps")
 MAGPIE = "magpie"
@@ -131,8 +131,8 @@ def magpie_queries(cfg: RunConfig, n: int, folder: Path) -> tuple[list[list[dict
     from .model.generate import make_generator
     from .model.loading import load_tokenizer
 
-    if cfg.generation.backend != "local":
-        raise DeliaError("sample.queries 'magpie' needs the local backend (it prompts with the raw template prefix)")
+    if cfg.generation.backend == "openai":
+        raise DeliaError("sample.queries 'magpie' needs the local or vllm backend (it prompts with the raw template prefix)")
     settings = {"temperature": 1.0, "top_p": 0.99, "max_new_tokens": 64, "seed": cfg.seed}
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     requests = magpie.query_requests(tokenizer, -(-3 * n // 2), cfg.model.name, settings)
@@ -204,63 +204,267 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     return stage.finish(adapter=str(folder / "adapter"), **stats)
 
 
+def _adapter(cfg: RunConfig, arm: str) -> Path:
+    adapter = _run_dir(cfg) / "train" / arm / "adapter"
+    if not (adapter / "adapter_config.json").exists():
+        raise DeliaError(f"{adapter}: no adapter; run `delia train` for arm '{arm}' first")
+    return adapter
+
+
+def stage_export(cfg: RunConfig, arm: str) -> Path:
+    """A trained arm as a plain Hugging Face model folder (adapter merged, new tokens in the vocabulary):
+    what vLLM, TGI, SGLang or llama.cpp's converter load. Returns the folder."""
+    from .runfolder import atomic_dir
+    from .train.sft import load_adapter
+
+    adapter = _adapter(cfg, arm)
+    folder = _run_dir(cfg) / "export" / arm
+    stage = Stage(folder, f"export:{arm}", {"model": cfg.model.name, "dtype": cfg.model.dtype},
+                  {"adapter": adapter / "adapter_model.safetensors"})
+    if not _skip(stage):
+        model, tokenizer = load_adapter(*_model(cfg), adapter)
+        with atomic_dir(folder / "model") as tmp:
+            model.merge_and_unload().save_pretrained(tmp)
+            tokenizer.save_pretrained(tmp)
+        stage.finish(model=str(folder / "model"))
+    return folder / "model"
+
+
+def arm_generator(cfg: RunConfig, arm: str, batch_size: int):
+    """The configured backend over an arm's model: the base model for `untouched`, else base + adapter
+    (local), the merged export (vllm), or the server model named by `generation.server_model` with
+    `{arm}` filled in (openai)."""
+    from .model.generate import LocalGenerator, make_generator
+
+    trained = arm != "untouched"
+    if cfg.generation.backend == "openai":
+        name = cfg.generation.server_model or cfg.model.name
+        if trained and "{arm}" not in name:
+            raise DeliaError(f"generation.server_model: evaluating arm '{arm}' over HTTP needs '{{arm}}' in the name, "
+                             f"so each arm reaches its own model (e.g. `delia serve CONFIG --name {arm} --adapter "
+                             f"{_run_dir(cfg) / 'train' / arm / 'adapter'}`)")
+        return make_generator(cfg.model, cfg.generation, batch_size, served_name=name.replace("{arm}", arm))
+    if cfg.generation.backend == "vllm":
+        return make_generator(cfg.model, cfg.generation, batch_size, path=str(stage_export(cfg, arm)) if trained else "")
+    model, tokenizer = _model(cfg)
+    if trained:
+        from .train.sft import load_adapter
+
+        model, tokenizer = load_adapter(model, tokenizer, _adapter(cfg, arm))
+    return LocalGenerator(model, tokenizer, batch_size)
+
+
 def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     from .evaluate.formatted import answer_budget, evaluate_formatted
-    from .train.sft import load_adapter
+    from .model.loading import load_tokenizer
 
     eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
     train_path = _run_dir(cfg) / "task" / "train.jsonl"
     inputs = {"eval": eval_path, "task": train_path}
-    adapter = _run_dir(cfg) / "train" / arm / "adapter"
     if arm != "untouched":
-        if not (adapter / "adapter_config.json").exists():
-            raise DeliaError(f"{adapter}: no adapter; run `delia train` for arm '{arm}' first")
-        inputs["adapter"] = adapter / "adapter_model.safetensors"
+        inputs["adapter"] = _adapter(cfg, arm) / "adapter_model.safetensors"
     folder = _run_dir(cfg) / "eval" / arm
-    stage = Stage(folder, f"evaluate:{arm}", {"evaluate": config_dict(cfg)["evaluate"], "task": config_dict(cfg)["task"],
-                                             "model": cfg.model.name}, inputs)
+    gen = cfg.generation
+    settings = {"evaluate": config_dict(cfg)["evaluate"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
+                "backend": gen.backend, "server_model": gen.server_model if gen.backend == "openai" else ""}
+    stage = Stage(folder, f"evaluate:{arm}", settings, inputs)
     if done := _skip(stage):
         return done
-    print(f"delia: evaluate {arm}", flush=True)
-    model, tokenizer = _model(cfg)
-    if arm != "untouched":
-        model, tokenizer = load_adapter(model, tokenizer, adapter)
+    print(f"delia: evaluate {arm} ({gen.backend} backend)", flush=True)
     rows = read_jsonl(eval_path)
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     budget = answer_budget(tokenizer, rows + read_jsonl(train_path), cfg.evaluate)
-    metrics, generations = evaluate_formatted(model, tokenizer, rows, cfg.task, cfg.evaluate, cfg.seed, budget)
+    generator = arm_generator(cfg, arm, cfg.evaluate.batch_size)
+    metrics, generations = evaluate_formatted(generator, rows, cfg.task, budget, cfg.seed)
     write_jsonl(folder / "generations.jsonl", generations)
     write_json(folder / "metrics.json", metrics)
     return stage.finish(**metrics)
 
 
 def stage_analyze(cfg: RunConfig) -> dict:
-    """Token-to-meaning distances for the untouched model (random and mean init) and every trained arm."""
+    """For the untouched model (random and mean init) and every trained arm: token-to-meaning distances
+    (Table 1, Figure 2) and the divergent token over the evaluation rows (Figure 4)."""
+    from .analysis.divergent import divergent_stats, plot_divergent
     from .analysis.token_distance import plot_distances, token_keyword_distances
     from .model.tokens import add_new_tokens
-    from .runfolder import atomic_path
     from .train.sft import load_adapter
 
     folder = _run_dir(cfg) / "analysis"
+    eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
     arms = [a for a in TRAINED_ARMS if a in cfg.arms]
-    adapters = {a: _run_dir(cfg) / "train" / a / "adapter" for a in arms}
-    inputs = {a: p / "adapter_model.safetensors" for a, p in adapters.items()}
+    adapters = {a: _adapter(cfg, a) for a in arms}
+    inputs = {a: p / "adapter_model.safetensors" for a, p in adapters.items()} | {"eval": eval_path}
     settings = {"task": config_dict(cfg)["task"], "model": cfg.model.name, "seed": cfg.seed}
     stage = Stage(folder, "analyze", settings, inputs)
     if done := _skip(stage):
         return done
     token, keywords = cfg.task.new_tokens[0], cfg.task.keywords
-    results = {}
+    rows = read_jsonl(eval_path)
+    distances, divergent = {}, {}
+
+    def measure(name, model, tokenizer):
+        distances[name] = token_keyword_distances(model, tokenizer, token, keywords)
+        divergent[name] = divergent_stats(model, tokenizer, rows)
+
     for init in ("random", "mean"):
         model, tokenizer = _model(cfg)
         add_new_tokens(model, tokenizer, cfg.task.new_tokens, init, cfg.task.description, cfg.seed)
-        results[f"untouched ({init} init)"] = token_keyword_distances(model, tokenizer, token, keywords)
+        measure(f"untouched ({init} init)", model, tokenizer)
     for arm, adapter in adapters.items():
-        model, tokenizer = load_adapter(*_model(cfg), adapter)
-        results[arm] = token_keyword_distances(model, tokenizer, token, keywords)
-    write_json(folder / "token_distance.json", results)
+        measure(arm, *load_adapter(*_model(cfg), adapter))
+    write_json(folder / "token_distance.json", distances)
+    write_json(folder / "divergent.json", divergent)
     with atomic_path(folder / "token_distance.png") as tmp:
-        plot_distances(results, keywords, tmp)
-    return stage.finish(token=token, keywords=keywords, plot=str(folder / "token_distance.png"))
+        plot_distances(distances, keywords, tmp)
+    with atomic_path(folder / "divergent.png") as tmp:
+        plot_divergent(divergent, tmp)
+    return stage.finish(token=token, keywords=keywords, plots=[str(folder / "token_distance.png"),
+                                                               str(folder / "divergent.png")])
+
+
+def _sweep_diverse(cfg: RunConfig) -> Path:
+    """Diverse rows for the largest swept ratio, sampled in `sweep/sample` so the main run's own sample
+    stays as it is; its answers seed this cache, so no query is answered twice."""
+    import dataclasses
+    import shutil
+
+    sub = dataclasses.replace(cfg, run_dir=str(_run_dir(cfg) / "sweep"),
+                              mix=dataclasses.replace(cfg.mix, ratio=max(cfg.sweep.ratios)))
+    main_cache, cache = _run_dir(cfg) / "sample" / "cache.jsonl", _run_dir(sub) / "sample" / "cache.jsonl"
+    if main_cache.exists() and not cache.exists():
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            shutil.copyfile(main_cache, tmp)
+    task_dir = _run_dir(sub) / ("diversify" if cfg.diversify.paraphrases > 0 else "task")
+    task_dir.mkdir(parents=True, exist_ok=True)
+    with atomic_path(task_dir / "train.jsonl") as tmp:  # sample sizes itself by the task rows
+        shutil.copyfile(task_rows_path(cfg), tmp)
+    stage_sample(sub)
+    return _run_dir(sub) / "sample" / "diverse.jsonl"
+
+
+def ratio_trial(cfg: RunConfig, ratio: float, fraction: float, diverse: Path) -> dict:
+    """Train on the task rows + ratio x diverse rows for `fraction` of an epoch; the task loss after.
+    A finished trial is kept in `trials/` and reused by both `sweep` and `tune-ratio`."""
+    from .analysis.ratio import task_loss
+    from .train.sft import effective_batch, train_lora
+
+    eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
+    folder = _run_dir(cfg) / "trials" / f"ratio-{ratio:g}-fraction-{fraction:g}"
+    settings = {"train": config_dict(cfg)["train"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
+                "ratio": ratio, "fraction": fraction, "seed": cfg.seed}
+    stage = Stage(folder, f"trial:ratio={ratio:g}:fraction={fraction:g}", settings,
+                  {"task": task_rows_path(cfg), "diverse": diverse, "eval": eval_path})
+    if done := _skip(stage):
+        return done["outputs"]
+    rows = mix_with_diverse(read_jsonl(task_rows_path(cfg)), read_jsonl(diverse), ratio, cfg.seed)
+    epoch_steps = math.ceil(len(rows) / effective_batch(cfg.train, len(rows)))
+    max_steps = 0 if fraction >= 1 else max(1, round(fraction * epoch_steps))
+    print(f"delia: trial ratio {ratio:g}, {fraction:g} epoch ({max_steps or epoch_steps} steps)", flush=True)
+    model, tokenizer = _model(cfg)
+    stats = train_lora(model, tokenizer, rows, cfg.train, cfg.task, folder, cfg.seed, max_steps)
+    loss = task_loss(model, tokenizer, read_jsonl(eval_path), cfg.train.max_length)
+    return stage.finish(ratio=ratio, fraction=fraction, steps=stats["steps"], rows=stats["rows"],
+                        train_seconds=stats["seconds"], loss=loss)["outputs"]
+
+
+def stage_sweep(cfg: RunConfig) -> Path:
+    """Task loss on seen and held-out wordings for every ratio in `sweep.ratios`, one epoch each
+    (Figure 3). Writes sweep/sweep.json and sweep/loss_vs_ratio.png; returns the plot's path."""
+    from .analysis.ratio import plot_sweep
+
+    stage_task(cfg)
+    diverse = _sweep_diverse(cfg)
+    points = [ratio_trial(cfg, r, 1.0, diverse) for r in sorted(cfg.sweep.ratios)]
+    folder = _run_dir(cfg) / "sweep"
+    write_json(folder / "sweep.json", [{k: v for k, v in p.items()} for p in points])
+    with atomic_path(folder / "loss_vs_ratio.png") as tmp:
+        plot_sweep(points, tmp)
+    print("| ratio | steps | loss (seen wordings) | loss (held-out wordings) |\n|---|---|---|---|")
+    for p in points:
+        print(f"| {p['ratio']:g} | {p['steps']} | {p['loss'].get('seen', {}).get('loss', float('nan')):.4f} | "
+              f"{p['loss'].get('heldout', {}).get('loss', float('nan')):.4f} |")
+    return folder / "loss_vs_ratio.png"
+
+
+def stage_tune_ratio(cfg: RunConfig) -> dict:
+    """Successive halving over `sweep.ratios` on the held-out-wording loss (see delia.analysis.ratio).
+    Writes tune/tune.json and returns it."""
+    from .analysis.ratio import bootstrap_confidence, rung_fractions, survivors
+
+    stage_task(cfg)
+    diverse = _sweep_diverse(cfg)
+    alive = sorted(cfg.sweep.ratios)
+    rungs = []
+    for k, fraction in enumerate(rung_fractions(cfg.sweep.rungs, cfg.sweep.eta)):
+        trials = {r: ratio_trial(cfg, r, fraction, diverse) for r in alive}
+        missing = [r for r, t in trials.items() if "heldout" not in t["loss"]]
+        if missing:
+            raise DeliaError("tune-ratio: the evaluation rows have no held-out wordings to score the ratios on")
+        losses = {r: t["loss"]["heldout"]["loss"] for r, t in trials.items()}
+        rungs.append({"fraction": fraction, "heldout_loss": {f"{r:g}": v for r, v in losses.items()},
+                      "steps": {f"{r:g}": t["steps"] for r, t in trials.items()}})
+        print(f"delia: rung {k + 1}: {fraction:g} epoch: " + ", ".join(f"ratio {r:g} -> {v:.4f}" for r, v in
+                                                                       sorted(losses.items())), flush=True)
+        if k < cfg.sweep.rungs - 1:
+            alive = survivors(losses, cfg.sweep.eta)
+    ranked = sorted(trials, key=lambda r: (losses[r], r))
+    result = {"best_ratio": ranked[0], "heldout_loss": losses[ranked[0]], "rungs": rungs}
+    if len(ranked) > 1:
+        win, other = (trials[r]["loss"]["heldout"]["per_row"] for r in ranked[:2])
+        conf = bootstrap_confidence(win, other, cfg.sweep.bootstrap, cfg.seed)
+        result.update(runner_up=ranked[1], runner_up_loss=losses[ranked[1]], confidence=conf)
+        print(f"delia: best ratio {ranked[0]:g} (held-out loss {losses[ranked[0]]:.4f}); it beats ratio "
+              f"{ranked[1]:g} ({losses[ranked[1]]:.4f}) in {100 * conf:.0f} % of {cfg.sweep.bootstrap} paired "
+              f"bootstrap resamples of the held-out rows (one seed)")
+    write_json(_run_dir(cfg) / "tune" / "tune.json", result)
+    return result
+
+
+def stage_diagnose(cfg: RunConfig, arm: str = "untouched", max_task_rows: int = 16) -> dict:
+    """The buffering diagnostic (delia.analysis.buffering) at the weights of `arm`: up to
+    `max_task_rows` training task rows, mix.ratio x as many diverse rows, the held-out-wording rows.
+    Writes diagnose/ARM/buffering.json and buffering.png, prints the table."""
+    from .analysis import buffering
+    from .model.tokens import add_new_tokens
+
+    diverse = _run_dir(cfg) / "sample" / "diverse.jsonl"
+    eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
+    inputs = {"task": task_rows_path(cfg), "diverse": diverse, "eval": eval_path}
+    if arm != "untouched":
+        inputs["adapter"] = _adapter(cfg, arm) / "adapter_model.safetensors"
+    folder = _run_dir(cfg) / "diagnose" / arm
+    stage = Stage(folder, f"diagnose:{arm}", {"model": cfg.model.name, "ratio": cfg.mix.ratio, "seed": cfg.seed,
+                                              "rows": max_task_rows, "train": config_dict(cfg)["train"]}, inputs)
+    if done := _skip(stage):
+        print(buffering.render(done["outputs"]["table"]))
+        return done
+    task = [r for r in read_jsonl(task_rows_path(cfg))][:max_task_rows]
+    n_diverse = diverse_rows_needed(cfg, len(task))
+    div = read_jsonl(diverse)[:n_diverse]
+    if len(div) < n_diverse:
+        raise DeliaError(f"{diverse}: {len(div)} diverse rows, the diagnostic needs {n_diverse}; run `delia sample` first")
+    ideal = [r for r in read_jsonl(eval_path) if r.get("group") == "heldout"]
+    if not ideal:
+        raise DeliaError(f"{eval_path}: no rows with held-out wordings to stand in for the ideal features")
+    model, tokenizer = _model(cfg)
+    if arm == "untouched":
+        add_new_tokens(model, tokenizer, cfg.task.new_tokens, cfg.train.token_init, cfg.task.description, cfg.seed)
+    else:
+        from .train.sft import load_adapter
+
+        model, tokenizer = load_adapter(model, tokenizer, _adapter(cfg, arm))
+        model = model.merge_and_unload()
+    groups = buffering.parameter_groups(model, cfg.train.target_modules)
+    length = cfg.train.max_length
+    grads = {name: buffering.gradient(model, tokenizer, rows, groups, length, cfg.train.micro_batch_size)
+             for name, rows in (("task", task), ("mixed", task + div), ("diverse", div), ("ideal", ideal))}
+    table = buffering.compare(grads)
+    print(buffering.render(table))
+    with atomic_path(folder / "buffering.png") as tmp:
+        buffering.plot_buffering(table, tmp)
+    return stage.finish(table=table, task_rows=len(task), diverse_rows=len(div), ideal_rows=len(ideal),
+                        plot=str(folder / "buffering.png"))
 
 
 def stage_report(cfg: RunConfig) -> Path:

@@ -97,6 +97,10 @@ class _Handler(BaseHTTPRequestHandler):
         except ValueError as e:
             self._send(400, {"error": {"message": f"bad request: {e}"}})
             return
+        if body.get("model") not in (None, self.server.model_id):
+            self._send(404, {"error": {"message": f"the model '{body['model']}' does not exist here "
+                                                  f"(this server has '{self.server.model_id}')"}})
+            return
         fault = self.server.pick_fault()
         if fault == "429":
             self._send(429, {"error": {"message": "rate limited (injected)"}}, {"Retry-After": "0"})

@@ -2,7 +2,8 @@
 
 A hit is an answer whose earliest `{...}` parses and holds every required key. Label accuracy counts
 answers whose `label_key` value equals the reference's. Both are reported for the training wordings
-(`seen`), for the held-out wordings (`heldout`) and for their gap. Decoding is greedy and batched.
+(`seen`), for the held-out wordings (`heldout`) and for their gap. Decoding is greedy, through any
+generation backend (local, vLLM or an OpenAI-compatible server).
 """
 
 from __future__ import annotations
@@ -12,7 +13,7 @@ import math
 from tqdm import tqdm
 
 from ..config import EvaluateConfig, TaskConfig
-from ..model.generate import LocalGenerator, Request
+from ..model.generate import Request
 from .parse import extract_object, normalise_label
 
 
@@ -52,12 +53,9 @@ def summarise(scored: list[dict]) -> dict:
     return out
 
 
-def evaluate_formatted(model, tokenizer, rows: list[dict], task: TaskConfig, cfg: EvaluateConfig, seed: int = 0,
-                       budget: int = 0):
+def evaluate_formatted(generator, rows: list[dict], task: TaskConfig, budget: int, seed: int = 0):
     """(metrics, per-row generations) for the evaluation rows (each with `group`: seen or heldout);
-    answers get `budget` new tokens (default: answer_budget over these rows)."""
-    budget = budget or answer_budget(tokenizer, rows, cfg)
-    generator = LocalGenerator(model, tokenizer, cfg.batch_size)
+    answers get `budget` new tokens."""
     requests = [Request(key=str(i), messages=r["messages"][:-1]) for i, r in enumerate(rows)]
     answers: dict[str, tuple[str, int]] = {}
     with tqdm(total=len(requests), desc="evaluate", unit="row") as bar:

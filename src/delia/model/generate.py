@@ -1,4 +1,5 @@
-"""One generation interface, two backends: local transformers (batched) and any OpenAI-compatible server.
+"""One generation interface, three backends: local transformers (batched), vLLM offline (`vllm.LLM`,
+tensor parallel on GPUs) and any OpenAI-compatible server.
 
 Local requests are sorted by prompt length and left-padded, so a batch wastes little compute on padding;
 each batch draws from its own seed, derived from the run seed and the keys of its requests, so a
@@ -170,12 +171,57 @@ class OpenAIGenerator:
                     raise error
 
 
-def make_generator(model_cfg, gen_cfg, batch_size: int):
-    """The configured backend: local transformers (loads the model) or an OpenAI-compatible server."""
+class VLLMGenerator:
+    """vLLM's offline engine over a model folder (a Hub id, the embedded model's cache folder, or a run's
+    `delia export` of a trained arm). Prompts go in as token ids made with the Hugging Face chat template,
+    so the three backends see the same prompts; every request carries its own seed, derived as the
+    HTTP backend's. `batch_size` is how many requests go to the engine at once (and are cached together)."""
+
+    def __init__(self, path: str, batch_size: int = 256, tensor_parallel_size: int = 1,
+                 gpu_memory_utilization: float = 0.9, dtype: str = "auto", trust_remote_code: bool = False,
+                 seed: int = 0):
+        try:
+            from vllm import LLM
+        except ImportError:
+            raise DeliaError("generation.backend 'vllm': vllm is not installed (pip install 'delia[vllm]' "
+                             "on a machine with a GPU)") from None
+        from .loading import load_tokenizer
+
+        self.tokenizer = load_tokenizer(path, trust_remote_code)
+        self.batch_size = batch_size
+        self.llm = LLM(model=path, tensor_parallel_size=tensor_parallel_size, dtype=dtype, seed=seed,
+                       gpu_memory_utilization=gpu_memory_utilization, trust_remote_code=trust_remote_code)
+
+    def batches(self, requests: Sequence[Request], max_new_tokens: int, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int = 0) -> Iterator[list[tuple[Request, str, int]]]:
+        from vllm import SamplingParams
+
+        tok = self.tokenizer
+        for start in range(0, len(requests), self.batch_size):
+            chunk = requests[start : start + self.batch_size]
+            prompts = [{"prompt_token_ids": tok(r.text, add_special_tokens=False)["input_ids"] if r.text else
+                        tok.apply_chat_template(r.messages, add_generation_prompt=True, tokenize=True,
+                                                return_dict=True)["input_ids"]} for r in chunk]
+            params = [SamplingParams(max_tokens=max_new_tokens, temperature=temperature,
+                                     top_p=top_p if temperature > 0 else 1.0,
+                                     seed=batch_seed(seed, [r.key]) % (2**31)) for r in chunk]
+            outputs = self.llm.generate(prompts, params, use_tqdm=False)
+            yield [(r, out.outputs[0].text.strip(), len(out.outputs[0].token_ids)) for r, out in zip(chunk, outputs)]
+
+
+def make_generator(model_cfg, gen_cfg, batch_size: int, path: str = "", served_name: str = ""):
+    """The configured backend over the base model, or over `path` (a model folder: local and vllm) or
+    `served_name` (the name a server knows: openai)."""
     if gen_cfg.backend == "openai":
-        return OpenAIGenerator(gen_cfg.base_url, gen_cfg.server_model or model_cfg.name, batch_size,
+        return OpenAIGenerator(gen_cfg.base_url, served_name or gen_cfg.server_model or model_cfg.name, batch_size,
                                gen_cfg.concurrency, gen_cfg.max_retries, gen_cfg.timeout, gen_cfg.api_key_env)
+    if gen_cfg.backend == "vllm":
+        from .loading import resolve_model
+
+        return VLLMGenerator(path or resolve_model(model_cfg.name), max(batch_size, gen_cfg.vllm_batch_size),
+                             gen_cfg.tensor_parallel_size, gen_cfg.gpu_memory_utilization,
+                             "auto" if model_cfg.dtype == "float32" else model_cfg.dtype, model_cfg.trust_remote_code)
     from .loading import load_model
 
-    model, tokenizer = load_model(model_cfg.name, model_cfg.dtype, model_cfg.trust_remote_code)
+    model, tokenizer = load_model(path or model_cfg.name, model_cfg.dtype, model_cfg.trust_remote_code)
     return LocalGenerator(model, tokenizer, batch_size)

@@ -57,8 +57,10 @@ def collect(cfg: RunConfig) -> dict:
     an = _manifest(run / "analysis")
     if an:
         stages["analyze"] = {"seconds": an["seconds"]}
+    divergent = run / "analysis" / "divergent.json"
     return {"arms": arms, "stages": stages, "config": config_dict(cfg),
-            "token_distance": json.loads(analysis.read_text()) if analysis.exists() else None}
+            "token_distance": json.loads(analysis.read_text()) if analysis.exists() else None,
+            "divergent": json.loads(divergent.read_text()) if divergent.exists() else None}
 
 
 def _row(arm: str, r: dict) -> str:
@@ -101,6 +103,8 @@ def render(data: dict) -> str:
         lines += [f"## {title}", "", HEADER] + [_row(a, arms[a]) for a in present] + [""]
     if data.get("token_distance"):
         lines += _distance_table(data["token_distance"], cfg) + [""]
+    if data.get("divergent"):
+        lines += _divergent_table(data["divergent"]) + [""]
     cut = [f"{LABELS[a]} {r['metrics'].get('hit_token_limit', 0)}" for a, r in arms.items()]
     if cut:
         lines += [f"Answers cut at the token limit: {', '.join(cut)}.", ""]
@@ -136,6 +140,19 @@ def _distance_table(results: dict, cfg: dict) -> list[str]:
         lines.append(f"| {LABELS.get(name, name)} | {' | '.join(cells)} | {emb} |")
     lines += ["", "![token distance by block](analysis/token_distance.png)",
               "Definition: `delia.analysis.token_distance` (carrier sentences, slot states, averaged)."]
+    return lines
+
+
+def _divergent_table(results: dict) -> list[str]:
+    lines = ["## The divergent token (the `{` that opens the object)", "",
+             "| Model | Wordings | Rows | P(right token) | Median rank | Entropy (nats) | P(any `{` token) |",
+             "|---|---|---|---|---|---|---|"]
+    for name, groups in results.items():
+        for group, g in groups.items():
+            lines.append(f"| {LABELS.get(name, name)} | {group} | {g['n']} | {g['p_right']:.3f} | "
+                         f"{g['rank_median']:g} | {g['entropy']:.2f} | {g['p_brace']:.3f} |")
+    lines += ["", "![divergent token](analysis/divergent.png)",
+              "Definition: `delia.analysis.divergent` (next-token distribution where the answer opens its object)."]
     return lines
 
 

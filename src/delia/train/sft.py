@@ -71,6 +71,41 @@ class _CountingCollator:
         return batch
 
 
+NEW_TOKEN_MODES = ("trainable_tokens", "lora", "full")
+
+
+def lora_config(cfg: TrainConfig, embed_name: str, new_ids: list[int]):
+    """How the new tokens' rows train (`train.new_token_mode`):
+    `trainable_tokens`: only their rows, through peft's trainable_token_indices (small adapter);
+    `lora`: a LoRA on the whole embedding, as the paper's reference code;
+    `full`: the whole embedding matrix trained and saved (peft modules_to_save)."""
+    from peft import LoraConfig
+
+    mode = cfg.new_token_mode if cfg.train_new_tokens and new_ids else None
+    targets = list(cfg.target_modules) + ([embed_name] if mode == "lora" else [])
+    return LoraConfig(
+        r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
+        task_type="CAUSAL_LM",
+        trainable_token_indices={embed_name: new_ids} if mode == "trainable_tokens" else None,
+        modules_to_save=[embed_name] if mode == "full" else None,
+    )
+
+
+def _separate_token_lr(model, cfg: TrainConfig, embed_name: str):
+    """With `train.new_token_lr` set: AdamW with that learning rate for the embedding parameters
+    (new-token rows, embedding LoRA or whole embedding) and `learning_rate` for the rest."""
+    if not cfg.new_token_lr:
+        return None
+    embed, rest = [], []
+    for name, p in model.named_parameters():
+        if p.requires_grad:
+            (embed if ("trainable_tokens" in name or f".{embed_name}." in name) else rest).append(p)
+    if not embed:
+        raise DeliaError("train.new_token_lr is set but no embedding parameter is trained (train_new_tokens off?)")
+    return torch.optim.AdamW, {"params": [{"params": rest}, {"params": embed, "lr": cfg.new_token_lr}],
+                               "lr": cfg.learning_rate, "weight_decay": 0.0}
+
+
 def train_lora(
     model,
     tokenizer,
@@ -84,9 +119,10 @@ def train_lora(
     """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
     and save it with the tokenizer in `out_dir/adapter`. Returns the run's figures."""
     from datasets import Dataset
-    from peft import LoraConfig, get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments
+    from peft import get_peft_model
+    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
+    set_seed(seed)  # the LoRA init draws from the global generator: same seed, same adapter, in any process
     new_ids = add_new_tokens(model, tokenizer, task.new_tokens, cfg.token_init, task.description, seed)
     tokenizer.padding_side = "right"
     examples = [tokenize_chat(tokenizer, r["messages"], cfg.max_length) for r in rows]
@@ -97,15 +133,8 @@ def train_lora(
     micro = min(cfg.micro_batch_size, batch)
     if batch % micro:
         raise DeliaError(f"train.batch_size {batch} is not a multiple of train.micro_batch_size {micro}")
-    lora = LoraConfig(
-        r=cfg.lora_r,
-        lora_alpha=cfg.lora_alpha,
-        lora_dropout=cfg.lora_dropout,
-        target_modules=list(cfg.target_modules),
-        task_type="CAUSAL_LM",
-        trainable_token_indices={embedding_module_name(model): new_ids} if cfg.train_new_tokens and new_ids else None,
-    )
-    model = get_peft_model(model, lora)
+    embed_name = embedding_module_name(model)
+    model = get_peft_model(model, lora_config(cfg, embed_name, new_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_log = out_dir / "loss.jsonl"
     loss_log.unlink(missing_ok=True)
@@ -142,6 +171,7 @@ def train_lora(
         train_dataset=Dataset.from_list(examples),
         data_collator=collator,
         callbacks=[LogLoss()],
+        optimizer_cls_and_kwargs=_separate_token_lr(model, cfg, embed_name),
     )
     started = time.time()
     result = trainer.train()

@@ -1,0 +1,79 @@
+"""Evaluation through the configured backend: a trained arm over HTTP (a real `delia serve` on loopback)
+answers as it does locally, and `delia export` writes a plain model folder equal to base + adapter."""
+
+import json
+import threading
+
+import pytest
+import torch
+
+from delia import DeliaError
+from delia.config import load_config
+from delia.model.loading import load_model
+from delia.pipeline import stage_evaluate, stage_export, stage_mix, stage_task, stage_train
+from delia.serve import ChatServer
+from delia.train.sft import load_adapter
+
+
+@pytest.fixture(scope="module")
+def trained(tiny_model_dir, tmp_path_factory):
+    """A run folder with the common arm trained on the tiny model."""
+    run = tmp_path_factory.mktemp("run")
+    sets = [f"run_dir={run}", f"model.name={tiny_model_dir}", "task.train_rows=8", "task.eval_rows=3",
+            "arms=[untouched, common]", "train.batch_size=4", "train.learning_rate=1e-2", "evaluate.max_new_tokens=6"]
+    cfg = load_config(None, sets)
+    stage_task(cfg)
+    stage_mix(cfg)
+    stage_train(cfg, "common")
+    return sets
+
+
+def _answers(cfg, arm):
+    path = cfg.run_dir + f"/eval/{arm}/generations.jsonl"
+    return [json.loads(line)["answer"] for line in open(path)]
+
+
+def _serve(model, tokenizer, name):
+    srv = ChatServer(model, tokenizer, name, port=0)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    return srv, f"http://127.0.0.1:{srv.server_address[1]}/v1"
+
+
+def test_trained_arm_over_http_answers_as_locally(trained, tiny_model_dir):
+    local = load_config(None, trained)
+    stage_evaluate(local, "common")
+    srv, url = _serve(*load_adapter(*load_model(tiny_model_dir), local.run_dir + "/train/common/adapter"), "common")
+    try:
+        remote = load_config(None, trained + ["generation.backend=openai", f"generation.base_url={url}",
+                                              "generation.server_model='{arm}'"])
+        done = stage_evaluate(remote, "common")
+        assert done["settings"]["backend"] == "openai" and srv.served == 6
+        assert _answers(remote, "common") == _answers(local, "common") != []
+        # without {arm} every arm would reach the same model: refused in one line
+        plain = load_config(None, trained + ["generation.backend=openai", f"generation.base_url={url}",
+                                             "generation.server_model=common"])
+        with pytest.raises(DeliaError, match=r"needs '\{arm\}'"):
+            stage_evaluate(plain, "common")
+        # a model the server does not have is an error, not a silent answer from another model
+        wrong = load_config(None, trained + ["generation.backend=openai", f"generation.base_url={url}",
+                                             "generation.server_model=base-{arm}", "generation.max_retries=0"])
+        with pytest.raises(DeliaError, match="HTTP 404"):
+            stage_evaluate(wrong, "common")
+    finally:
+        srv.shutdown()
+        srv.server_close()
+
+
+def test_export_is_base_plus_adapter(trained, tiny_model_dir):
+    cfg = load_config(None, trained)
+    folder = stage_export(cfg, "common")
+    exported, tok = load_model(str(folder))
+    assert "<sep>" in tok.get_vocab()
+    adapted, tok2 = load_adapter(*load_model(tiny_model_dir), cfg.run_dir + "/train/common/adapter")
+    ids = tok2("Check <sep> the answer", return_tensors="pt")["input_ids"]
+    assert ids[0].tolist() == tok("Check <sep> the answer", return_tensors="pt")["input_ids"][0].tolist()
+    with torch.no_grad():
+        assert torch.allclose(exported(ids).logits, adapted(ids).logits, atol=1e-5)
+    # up to date on a second call: the same folder, not rewritten
+    mtime = (folder / "config.json").stat().st_mtime_ns
+    assert stage_export(cfg, "common") == folder and (folder / "config.json").stat().st_mtime_ns == mtime
