@@ -20,7 +20,7 @@ def _parser() -> argparse.ArgumentParser:
         v.add_argument("--set", action="append", default=[], metavar="KEY=VALUE",
                        help="override a config value, e.g. --set train.learning_rate=1e-3 (repeatable)")
         if arm:
-            v.add_argument("--arm", required=True, help="untouched, common, delia or common_equal_steps")
+            v.add_argument("--arm", required=True, help="an arm: untouched, common, delia, common_equal_steps, a baseline (see `arms` in the config)")
         return v
 
     verb("run", "run the whole chain and print the report")
@@ -37,6 +37,8 @@ def _parser() -> argparse.ArgumentParser:
     v = verb("diagnose", "the buffering diagnostic: task-gradient direction and size with and without diverse rows")
     v.add_argument("--arm", default="untouched", help="weights to measure at (default: the untouched model)")
     verb("export", "merge an arm's adapter into a plain model folder (for vLLM, TGI, llama.cpp)", arm=True)
+    e = sub.add_parser("experiment", help="many runs (baselines, ablations, seeds) and one report; resumes")
+    e.add_argument("experiment", help="experiment YAML (see experiments/)")
     v = verb("serve", "an OpenAI-compatible chat server over the model (and an adapter)")
     v.add_argument("--adapter", help="adapter folder, e.g. runs/demo/train/delia/adapter")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -54,6 +56,12 @@ def main(argv: list[str] | None = None) -> int:
         from . import pipeline
         from .config import load_config
 
+        if args.verb == "experiment":
+            from .experiment import run_experiment
+
+            path = run_experiment(args.experiment)
+            print(f"\n{path.read_text()}\nreport: {path}")
+            return 0
         cfg = load_config(args.config, args.set)
         if args.verb == "run":
             path = pipeline.run_all(cfg)

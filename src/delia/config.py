@@ -140,6 +140,20 @@ class EvaluateConfig:
 
 
 @dataclass
+class BaselinesConfig:
+    icl_k: int = 3
+    """`icl` arm: training rows shown before each evaluation prompt."""
+    arithmetic_lambda: float = 1.0
+    """`arithmetic` arm: lambda in M_desc + lambda (M_desc - M_plain)."""
+    neftune_alpha: float = 5.0
+    """`neftune` arm: noise scale on the input embeddings during training (common instruction tuning + noise)."""
+    facts: list[str] = field(default_factory=list)
+    """`facts` arm: atomic facts about the new token (empty = from task.description and task.required_keys)."""
+    rows_per_fact: int = 4
+    """`facts` arm: question-answer rows made from each fact."""
+
+
+@dataclass
 class SweepConfig:
     ratios: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0])
     """Diverse ratios tried by `delia sweep` (one epoch each) and `delia tune-ratio` (successive halving)."""
@@ -156,7 +170,9 @@ class RunConfig:
     run_dir: str = "runs/demo"
     seed: int = 0
     arms: list[str] = field(default_factory=lambda: ["untouched", "common", "delia", "common_equal_steps"])
-    """Which rows the report holds: untouched, common (1 epoch), delia, common_equal_steps."""
+    """Which rows the report holds: untouched, common (1 epoch), delia, common_equal_steps, and the
+    baselines icl, init_random, init_mean, init_description, arithmetic, neftune, facts; every trained
+    arm but delia also as ARM_equal_steps (as many optimizer steps as delia)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -166,9 +182,15 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
+    baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
-ARMS = ("untouched", "common", "delia", "common_equal_steps")
+BASE_TRAINED_ARMS = ("common", "delia", "neftune", "facts")
+EQUAL_STEPS = "_equal_steps"
+"""A trained arm with this suffix trains for as many optimizer steps as the delia arm took."""
+TRAINED_ARMS = BASE_TRAINED_ARMS + tuple(a + EQUAL_STEPS for a in BASE_TRAINED_ARMS if a != "delia")
+UNTRAINED_ARMS = ("untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic")
+ARMS = UNTRAINED_ARMS + TRAINED_ARMS
 
 
 def _build(cls, data: Any, where: str, path: str):

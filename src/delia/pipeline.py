@@ -7,17 +7,19 @@ manifest matches its settings and inputs is skipped, so `delia run` picks up whe
 from __future__ import annotations
 
 import math
+import random
 from pathlib import Path
 
 from . import DeliaError
-from .config import RunConfig, config_dict
+from .config import EQUAL_STEPS, TRAINED_ARMS, RunConfig, config_dict
 from .data.mix import mix_with_diverse
 from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
 from .data.task import build_task
 from .runfolder import Stage, atomic_path, read_jsonl, write_json, write_jsonl
 
-TRAINED_ARMS = ("common", "delia", "common_equal_steps")
+DATA = {"delia": "delia.jsonl", "facts": "facts.jsonl"}
+"""Each trained arm's rows in mix/ (common.jsonl for the rest)."""
 MAGPIE = "magpie"
 
 
@@ -162,12 +164,23 @@ def stage_mix(cfg: RunConfig) -> dict:
     inputs = {"task": task_train}
     if "delia" in cfg.arms:
         inputs.update(delia_task=delia_task, diverse=diverse)
-    stage = Stage(folder, "mix", {"ratio": cfg.mix.ratio, "seed": cfg.seed}, inputs)
+    settings = {"ratio": cfg.mix.ratio, "seed": cfg.seed}
+    if "facts" in cfg.arms:
+        settings["facts"] = {k: v for k, v in config_dict(cfg)["baselines"].items() if k in ("facts", "rows_per_fact")}
+    stage = Stage(folder, "mix", settings, inputs)
     if done := _skip(stage):
         return done
     task_rows = read_jsonl(task_train)
     write_jsonl(folder / "common.jsonl", mix_with_diverse(task_rows, [], 0, cfg.seed))
     outputs = {"common_rows": len(task_rows)}
+    if "facts" in cfg.arms:
+        from .baselines import default_facts, fact_rows
+
+        facts = fact_rows(cfg.baselines.facts or default_facts(cfg.task), cfg.task, cfg.baselines.rows_per_fact)
+        rows = [{"messages": r["messages"], "source": "task"} for r in task_rows] + facts
+        random.Random(cfg.seed).shuffle(rows)
+        write_jsonl(folder / "facts.jsonl", rows)
+        outputs["facts_rows"] = len(facts)
     if "delia" in cfg.arms:
         rows = mix_with_diverse(read_jsonl(delia_task), read_jsonl(diverse), cfg.mix.ratio, cfg.seed)
         write_jsonl(folder / "delia.jsonl", rows)
@@ -181,26 +194,30 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
 
     if arm not in TRAINED_ARMS:
         raise DeliaError(f"train: unknown arm '{arm}' (trained arms: {', '.join(TRAINED_ARMS)})")
-    data = _run_dir(cfg) / "mix" / ("delia.jsonl" if arm == "delia" else "common.jsonl")
+    base = arm.removesuffix(EQUAL_STEPS)
+    data = _run_dir(cfg) / "mix" / DATA.get(base, "common.jsonl")
     if not data.exists():
         raise DeliaError(f"{data}: missing; run the mix stage first")
     max_steps = 0
-    if arm == "common_equal_steps":
+    if arm.endswith(EQUAL_STEPS):
         delia = _run_dir(cfg) / "train" / "delia" / "manifest.json"
         if not delia.exists():
-            raise DeliaError("train: the common_equal_steps arm takes its step count from the delia arm; train delia first")
+            raise DeliaError(f"train: the {arm} arm takes its step count from the delia arm; train delia first")
         import json
 
         max_steps = json.loads(delia.read_text())["outputs"]["steps"]
     folder = _run_dir(cfg) / "train" / arm
     settings = {"train": config_dict(cfg)["train"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
                 "max_steps": max_steps, "seed": cfg.seed}
+    if base == "neftune":
+        settings["neftune_alpha"] = cfg.baselines.neftune_alpha
     stage = Stage(folder, f"train:{arm}", settings, {"data": data})
     if done := _skip(stage):
         return done
     print(f"delia: train {arm}" + (f" ({max_steps} steps, as delia)" if max_steps else " (1 epoch)"), flush=True)
     model, tokenizer = _model(cfg)
-    stats = train_lora(model, tokenizer, read_jsonl(data), cfg.train, cfg.task, folder, cfg.seed, max_steps)
+    stats = train_lora(model, tokenizer, read_jsonl(data), cfg.train, cfg.task, folder, cfg.seed, max_steps,
+                       neftune_alpha=cfg.baselines.neftune_alpha if base == "neftune" else 0.0)
     return stage.finish(adapter=str(folder / "adapter"), **stats)
 
 
@@ -236,7 +253,10 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int):
     `{arm}` filled in (openai)."""
     from .model.generate import LocalGenerator, make_generator
 
-    trained = arm != "untouched"
+    trained = arm in TRAINED_ARMS
+    if arm not in ("untouched", *TRAINED_ARMS) and cfg.generation.backend != "local":
+        raise DeliaError(f"arm '{arm}': evaluated with the local backend only (generation.backend is "
+                         f"{cfg.generation.backend!r})")
     if cfg.generation.backend == "openai":
         name = cfg.generation.server_model or cfg.model.name
         if trained and "{arm}" not in name:
@@ -251,6 +271,14 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int):
         from .train.sft import load_adapter
 
         model, tokenizer = load_adapter(model, tokenizer, _adapter(cfg, arm))
+    elif arm.startswith("init_"):  # the new token added, its row initialised, nothing trained
+        from .model.tokens import add_new_tokens
+
+        add_new_tokens(model, tokenizer, cfg.task.new_tokens, arm[len("init_"):], cfg.task.description, cfg.seed)
+    elif arm == "arithmetic":
+        from .baselines import ArithmeticGenerator
+
+        return ArithmeticGenerator(model, tokenizer, cfg.task, cfg.baselines.arithmetic_lambda, batch_size)
     return LocalGenerator(model, tokenizer, batch_size)
 
 
@@ -261,12 +289,14 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
     train_path = _run_dir(cfg) / "task" / "train.jsonl"
     inputs = {"eval": eval_path, "task": train_path}
-    if arm != "untouched":
+    if arm in TRAINED_ARMS:
         inputs["adapter"] = _adapter(cfg, arm) / "adapter_model.safetensors"
     folder = _run_dir(cfg) / "eval" / arm
     gen = cfg.generation
     settings = {"evaluate": config_dict(cfg)["evaluate"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
                 "backend": gen.backend, "server_model": gen.server_model if gen.backend == "openai" else ""}
+    if arm in ("icl", "arithmetic"):
+        settings["baselines"] = config_dict(cfg)["baselines"]
     stage = Stage(folder, f"evaluate:{arm}", settings, inputs)
     if done := _skip(stage):
         return done
@@ -274,6 +304,11 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     rows = read_jsonl(eval_path)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     budget = answer_budget(tokenizer, rows + read_jsonl(train_path), cfg.evaluate)
+    if arm == "icl":
+        from .baselines import icl_prefix
+
+        prefix = icl_prefix(read_jsonl(train_path), cfg.baselines.icl_k, cfg.seed)
+        rows = [{**r, "messages": prefix + r["messages"]} for r in rows]
     generator = arm_generator(cfg, arm, cfg.evaluate.batch_size)
     metrics, generations = evaluate_formatted(generator, rows, cfg.task, budget, cfg.seed)
     write_jsonl(folder / "generations.jsonl", generations)
@@ -306,7 +341,7 @@ def stage_analyze(cfg: RunConfig) -> dict:
         distances[name] = token_keyword_distances(model, tokenizer, token, keywords)
         divergent[name] = divergent_stats(model, tokenizer, rows)
 
-    for init in ("random", "mean"):
+    for init in ("random", "mean", "description"):
         model, tokenizer = _model(cfg)
         add_new_tokens(model, tokenizer, cfg.task.new_tokens, init, cfg.task.description, cfg.seed)
         measure(f"untouched ({init} init)", model, tokenizer)
@@ -481,9 +516,10 @@ def run_all(cfg: RunConfig) -> Path:
             stage_diversify(cfg)
         stage_sample(cfg)
     stage_mix(cfg)
-    order = [a for a in ("delia", "common", "common_equal_steps") if a in cfg.arms]
-    if "common_equal_steps" in order and "delia" not in order:
-        raise DeliaError("arms: common_equal_steps needs the delia arm (it matches delia's optimizer steps)")
+    order = [a for a in ("delia", *TRAINED_ARMS) if a in cfg.arms]
+    order = list(dict.fromkeys(order))
+    if any(a.endswith(EQUAL_STEPS) for a in order) and "delia" not in order:
+        raise DeliaError(f"arms: the *{EQUAL_STEPS} arms need the delia arm (they match delia's optimizer steps)")
     for arm in order:
         stage_train(cfg, arm)
     for arm in cfg.arms:

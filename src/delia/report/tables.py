@@ -14,13 +14,23 @@ from ..runfolder import MANIFEST, write_json, write_text
 
 LABELS = {
     "untouched": "Untouched model",
+    "icl": "In-context examples (untrained)",
+    "init_random": "New token, random init (untrained)",
+    "init_mean": "New token, mean init (untrained)",
+    "init_description": "New token, description init (untrained)",
+    "arithmetic": "Model arithmetic (untrained)",
+    "neftune": "NEFTune (common + embedding noise, 1 epoch)",
+    "facts": "Fact-based injection (1 epoch)",
     "common": "Common instruction tuning (1 epoch)",
     "delia": "DELIA (1 epoch)",
     "common_equal_steps": "Common instruction tuning (DELIA's steps)",
+    "neftune_equal_steps": "NEFTune (DELIA's steps)",
+    "facts_equal_steps": "Fact-based injection (DELIA's steps)",
 }
 COMPARISONS = [
-    ("One epoch each (the paper's protocol)", ["untouched", "common", "delia"]),
-    ("Equal optimizer steps", ["common_equal_steps", "delia"]),
+    ("One epoch each (the paper's protocol)", ["untouched", "icl", "init_random", "init_mean", "init_description",
+                                               "arithmetic", "common", "neftune", "facts", "delia"]),
+    ("Equal optimizer steps", ["common_equal_steps", "neftune_equal_steps", "facts_equal_steps", "delia"]),
 ]
 
 

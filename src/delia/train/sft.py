@@ -115,6 +115,7 @@ def train_lora(
     out_dir: Path,
     seed: int,
     max_steps: int = 0,
+    neftune_alpha: float = 0.0,
 ) -> dict:
     """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
     and save it with the tokenizer in `out_dir/adapter`. Returns the run's figures."""
@@ -161,6 +162,7 @@ def train_lora(
         report_to="none",
         seed=seed,
         data_seed=seed,
+        neftune_noise_alpha=neftune_alpha or None,
         remove_unused_columns=False,
         bf16=model.dtype == torch.bfloat16,
         disable_tqdm=False,

@@ -1,0 +1,147 @@
+"""`delia experiment EXP.yaml`: many runs (baselines, ablations, ratios, seeds) and one report.
+
+    base: ../configs/demo.yaml       # the run config every run starts from (relative to this file)
+    dir: runs/ablations              # where the runs go: DIR/NAME/seed-N
+    seeds: [0, 1]
+    set: ["arms=[untouched, delia]"] # overrides for every run
+    runs:
+      - name: all
+      - name: no-diverse-data
+        set: ["mix.ratio=0"]
+
+Each run is `delia run` with the base config, the experiment's overrides, the run's and the seed. A
+finished run is not redone (its stages are up to date); a killed experiment resumes where it stopped.
+Runs of one seed share their self-sampled answers: a run's sample cache starts from the largest one
+already written by another run of that seed, so a query is answered once whatever the ratio.
+The report (DIR/report.md, report.json) has one row per run and arm, mean and spread over the seeds.
+"""
+
+from __future__ import annotations
+
+import shutil
+import statistics
+from pathlib import Path
+
+import yaml
+
+from . import DeliaError
+from .runfolder import atomic_path, write_json, write_text
+
+KEYS = {"base", "dir", "seeds", "set", "runs"}
+
+
+def load_experiment(path: str | Path) -> dict:
+    path = Path(path)
+    try:
+        data = yaml.safe_load(path.read_text(encoding="utf-8"))
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeliaError(f"{path}: cannot read experiment: {e}") from None
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise DeliaError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise DeliaError(f"{path}: expected a mapping with {', '.join(sorted(KEYS))}")
+    if unknown := set(data) - KEYS:
+        raise DeliaError(f"{path}: unknown key '{sorted(unknown)[0]}' (known: {', '.join(sorted(KEYS))})")
+    for key in ("base", "dir", "runs"):
+        if key not in data:
+            raise DeliaError(f"{path}: '{key}' is missing")
+    seeds = data.get("seeds", [0])
+    if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
+        raise DeliaError(f"{path}: 'seeds': expected a list of integers, got {seeds!r}")
+    runs = data["runs"]
+    if not isinstance(runs, list) or not runs:
+        raise DeliaError(f"{path}: 'runs': expected a non-empty list")
+    names = set()
+    for i, run in enumerate(runs):
+        if not isinstance(run, dict) or not isinstance(run.get("name"), str) or set(run) - {"name", "set"}:
+            raise DeliaError(f"{path}: 'runs[{i}]': expected a mapping with a name and an optional set list")
+        name = run["name"]
+        if not name or "/" in name or name.startswith(".") or name in names:
+            raise DeliaError(f"{path}: 'runs[{i}].name': {name!r} must be unique, non-empty, without '/' or a leading dot")
+        names.add(name)
+    for where, sets in [("set", data.get("set", []))] + [(f"runs[{i}].set", r.get("set", [])) for i, r in enumerate(runs)]:
+        if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
+            raise DeliaError(f"{path}: '{where}': expected a list of KEY=VALUE strings")
+    base = (path.parent / data["base"]).resolve()
+    return {"base": str(base), "dir": data["dir"], "seeds": seeds, "set": data.get("set", []), "runs": runs}
+
+
+def run_configs(exp: dict):
+    """(run name, seed, RunConfig) for every run and seed, in order."""
+    from .config import load_config
+
+    for run in exp["runs"]:
+        for seed in exp["seeds"]:
+            sets = exp["set"] + run.get("set", []) + [f"run_dir={Path(exp['dir']) / run['name'] / f'seed-{seed}'}",
+                                                       f"seed={seed}"]
+            yield run["name"], seed, load_config(exp["base"], sets)
+
+
+def _share_sample_cache(run_dir: Path, exp_dir: Path, seed: int) -> None:
+    cache = run_dir / "sample" / "cache.jsonl"
+    if cache.exists():
+        return
+    others = [p for p in exp_dir.glob(f"*/seed-{seed}/sample/cache.jsonl") if p != cache]
+    if others:
+        largest = max(others, key=lambda p: p.stat().st_size)
+        cache.parent.mkdir(parents=True, exist_ok=True)
+        with atomic_path(cache) as tmp:
+            shutil.copyfile(largest, tmp)
+
+
+def run_experiment(path: str | Path) -> Path:
+    from .pipeline import run_all
+    from .report.tables import collect
+
+    exp = load_experiment(path)
+    exp_dir = Path(exp["dir"])
+    results = []
+    configs = list(run_configs(exp))  # every config checked before the first run starts
+    for i, (name, seed, cfg) in enumerate(configs, 1):
+        print(f"delia: experiment run {i}/{len(configs)}: {name}, seed {seed}", flush=True)
+        _share_sample_cache(Path(cfg.run_dir), exp_dir, seed)
+        run_all(cfg)
+        results.append({"run": name, "seed": seed, "arms": collect(cfg)["arms"]})
+    write_json(exp_dir / "report.json", {"experiment": str(path), "base": exp["base"], "results": results})
+    report = exp_dir / "report.md"
+    write_text(report, render(exp, results))
+    return report
+
+
+def _stat(values: list[float]) -> str:
+    if not values:
+        return "-"
+    mean = 100 * statistics.fmean(values)
+    if len(values) == 1:
+        return f"{mean:.1f} %"
+    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f} %"
+
+
+def render(exp: dict, results: list[dict]) -> str:
+    from .report.tables import LABELS
+
+    lines = [f"# Experiment: {exp['dir']}", "",
+             f"Base config `{exp['base']}`; seeds {', '.join(map(str, exp['seeds']))} (mean ± sample standard "
+             f"deviation over seeds); overrides for every run: {', '.join(f'`{s}`' for s in exp['set']) or 'none'}.", "",
+             "| Run | Arm | Format acc. (seen) | Format acc. (held-out) | Label acc. (seen) | Label acc. (held-out) | "
+             "Optimizer steps |", "|---|---|---|---|---|---|---|"]
+    for run in exp["runs"]:
+        rows = [r for r in results if r["run"] == run["name"]]
+        arms = list(dict.fromkeys(a for r in rows for a in r["arms"]))
+        for arm in arms:
+            per_seed = [r["arms"][arm] for r in rows if arm in r["arms"]]
+
+            def values(group, key):
+                return [m["metrics"][group][key] for m in per_seed
+                        if m["metrics"].get(group, {}).get(key) is not None]
+
+            steps = sorted({(m["train"] or {}).get("steps", 0) for m in per_seed})
+            lines.append(f"| {run['name']} | {LABELS.get(arm, arm)} | {_stat(values('seen', 'format_accuracy'))} | "
+                         f"{_stat(values('heldout', 'format_accuracy'))} | {_stat(values('seen', 'label_accuracy'))} | "
+                         f"{_stat(values('heldout', 'label_accuracy'))} | {', '.join(map(str, steps))} |")
+    lines += ["", "Overrides per run: " + "; ".join(f"{r['name']}: {', '.join(f'`{s}`' for s in r.get('set', [])) or 'none'}"
+                                                for r in exp["runs"]),
+              "", "Each run's own report (both budget comparisons, token distances, stage times): "
+              f"`{exp['dir']}/RUN/seed-N/report.md`."]
+    return "\n".join(lines) + "\n"

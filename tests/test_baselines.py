@@ -1,0 +1,78 @@
+"""Baselines on the tiny random model: model arithmetic decoding, fact rows, in-context examples, and
+every baseline arm producing its row of the report."""
+
+import pytest
+import torch
+from safetensors.torch import load_file
+
+from delia.baselines import ArithmeticGenerator, default_facts, describe_tokens, fact_rows, icl_prefix
+from delia.config import TaskConfig, load_config
+from delia.model.generate import LocalGenerator, Request
+
+TASK = TaskConfig()
+PROMPTS = [[{"role": "user", "content": f"Check {i} + {i} = {2 * i} and reply in the <sep> format."}] for i in range(3)]
+
+
+def _run(gen, prompts):
+    reqs = [Request(key=str(i), messages=p) for i, p in enumerate(prompts)]
+    return [text for batch in gen.batches(reqs, max_new_tokens=6) for _, text, _ in batch]
+
+
+def test_arithmetic_lambda_zero_is_greedy_on_the_described_prompt(tiny):
+    described = [describe_tokens(p, TASK) for p in PROMPTS]
+    assert "<sep> (a JSON object with the keys thought and hallucination)" in described[0][0]["content"]
+    assert _run(ArithmeticGenerator(*tiny, TASK, lam=0.0, batch_size=1), PROMPTS) == \
+        _run(LocalGenerator(*tiny, batch_size=1), described)
+
+
+def test_arithmetic_without_the_token_is_plain_greedy(tiny):
+    plain = [[{"role": "user", "content": "Give three tips for staying healthy."}]]
+    assert _run(ArithmeticGenerator(*tiny, TASK, lam=2.0, batch_size=1), plain) == \
+        _run(LocalGenerator(*tiny, batch_size=1), plain)
+
+
+def test_fact_rows_cover_every_fact_evenly():
+    facts = default_facts(TASK)
+    assert facts[0] == "<sep> means a JSON object with the keys thought and hallucination." and len(facts) == 3
+    rows = fact_rows(facts, TASK, 5)
+    assert [sum(r["messages"][1]["content"] == f for r in rows) for f in facts] == [5, 5, 5]
+    assert all("<sep>" in r["messages"][0]["content"] and r["source"] == "fact" for r in rows)
+
+
+def test_icl_prefix_is_k_turn_pairs_fixed_by_the_seed():
+    rows = [{"messages": [{"role": "user", "content": f"q{i}"}, {"role": "assistant", "content": f"a{i}"}]}
+            for i in range(10)]
+    prefix = icl_prefix(rows, 3, seed=1)
+    assert [m["role"] for m in prefix] == ["user", "assistant"] * 3 and prefix == icl_prefix(rows, 3, seed=1)
+    assert prefix != icl_prefix(rows, 3, seed=2)
+
+
+def test_every_baseline_arm_gets_its_row(tiny_model_dir, tmp_path):
+    from delia.pipeline import run_all
+
+    arms = ["untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic", "common", "neftune", "facts"]
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
+                             "task.eval_rows=2", f"arms=[{', '.join(arms)}]", "train.batch_size=4",
+                             "evaluate.max_new_tokens=4", "baselines.icl_k=2", "baselines.rows_per_fact=2"])
+    report = run_all(cfg).read_text()
+    for label in ("Untouched model", "In-context examples", "random init (untrained)", "mean init (untrained)",
+                  "description init (untrained)", "Model arithmetic", "Common instruction tuning (1 epoch)",
+                  "NEFTune", "Fact-based injection"):
+        assert label in report, label
+    assert (tmp_path / "mix" / "facts.jsonl").read_text().count('"source": "fact"') == 6  # 3 facts x 2
+    weights = {arm: load_file(tmp_path / "train" / arm / "adapter" / "adapter_model.safetensors")
+               for arm in ("common", "neftune")}
+    # same rows, same seed: only NEFTune's noise tells the two adapters apart
+    assert any(not torch.equal(weights["common"][k], weights["neftune"][k]) for k in weights["common"])
+    icl = (tmp_path / "eval" / "icl" / "manifest.json").read_text()
+    assert '"icl_k": 2' in icl
+
+
+def test_untrained_baselines_need_the_local_backend(tiny_model_dir, tmp_path):
+    from delia import DeliaError
+    from delia.pipeline import arm_generator
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "generation.backend=openai",
+                             "generation.base_url=http://127.0.0.1:9/v1"])
+    with pytest.raises(DeliaError, match="local backend only"):
+        arm_generator(cfg, "arithmetic", 4)

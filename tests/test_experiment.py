@@ -1,0 +1,89 @@
+"""`delia experiment` on the tiny random model: every configured row in the report, shared sample
+answers, and a SIGKILL in the middle that costs no finished run."""
+
+import json
+import os
+import signal
+import subprocess
+import sys
+import time
+
+import pytest
+
+from delia import DeliaError
+from delia.experiment import load_experiment
+
+BASE = """
+model: {{name: {model}}}
+task: {{train_rows: 8, eval_rows: 2}}
+sample: {{queries: queries.jsonl, max_new_tokens: 4}}
+train: {{batch_size: 4}}
+evaluate: {{max_new_tokens: 4}}
+"""
+EXPERIMENT = """
+base: base.yaml
+dir: exp
+seeds: [0, 1]
+set: ["arms=[untouched, delia]", "mix.ratio=2"]
+runs:
+  - name: all
+  - name: more-diverse
+    set: ["mix.ratio=3"]
+  - name: one-wording
+    set: ["task.diversify=false"]
+"""
+
+
+@pytest.fixture
+def experiment(tiny_model_dir, tmp_path):
+    queries = [{"instruction": f"Name {n} colours.", "output": "Red."} for n in range(40)]
+    (tmp_path / "queries.jsonl").write_text("".join(json.dumps(q) + "\n" for q in queries))
+    (tmp_path / "base.yaml").write_text(BASE.format(model=tiny_model_dir))
+    (tmp_path / "exp.yaml").write_text(EXPERIMENT)
+    return tmp_path
+
+
+def _cli(cwd, *args, **kw):
+    return subprocess.Popen([sys.executable, "-m", "delia.cli", *args], cwd=cwd, stdout=subprocess.PIPE,
+                            stderr=subprocess.STDOUT, text=True, **kw)
+
+
+def test_experiment_survives_sigkill_and_reports_every_row(experiment):
+    first_run = experiment / "exp" / "all" / "seed-0"
+    proc = _cli(experiment, "experiment", "exp.yaml", start_new_session=True)
+    deadline = time.time() + 300
+    while not (first_run / "report.md").exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.2)
+    os.killpg(proc.pid, signal.SIGKILL)
+    proc.wait()
+    assert (first_run / "report.md").exists()
+    trained = json.loads((first_run / "train" / "delia" / "manifest.json").read_text())["finished"]
+
+    again = _cli(experiment, "experiment", "exp.yaml")
+    out, _ = again.communicate(timeout=600)
+    assert again.returncode == 0, out[-3000:]
+    # the finished run was not redone
+    assert json.loads((first_run / "train" / "delia" / "manifest.json").read_text())["finished"] == trained
+    report = (experiment / "exp" / "report.md").read_text()
+    for run in ("all", "more-diverse", "one-wording"):
+        assert f"| {run} | Untouched model |" in report and f"| {run} | DELIA (1 epoch) |" in report
+    assert "±" in report  # two seeds: a mean and a spread
+    # the ratio-3 run of seed 0 answered only the queries the ratio-2 run had not
+    sample = json.loads((experiment / "exp" / "more-diverse" / "seed-0" / "sample" / "manifest.json").read_text())
+    assert sample["outputs"]["requested"] == 24 and sample["outputs"]["resumed_from_cache"] >= 16
+
+
+@pytest.mark.parametrize("text,message", [
+    ("base: b.yaml\nruns: []\ndir: x\n", "'runs': expected a non-empty list"),
+    ("base: b.yaml\ndir: x\nruns: [{name: a}, {name: a}]\n", "'runs[1].name'"),
+    ("base: b.yaml\ndir: x\nruns: [{name: ../up}]\n", "'runs[0].name'"),
+    ("base: b.yaml\ndir: x\nseeds: [zero]\nruns: [{name: a}]\n", "'seeds'"),
+    ("base: b.yaml\ndir: x\nruns: [{name: a, set: mix.ratio=2}]\n", "'runs[0].set'"),
+    ("base: b.yaml\ndir: x\nrun: []\n", "unknown key 'run'"),
+    ("base: [b.yaml\n", "exp.yaml:2: invalid YAML"),
+])
+def test_bad_experiment_files_get_one_line(tmp_path, text, message):
+    (tmp_path / "exp.yaml").write_text(text)
+    with pytest.raises(DeliaError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")) as e:
+        load_experiment(tmp_path / "exp.yaml")
+    assert "\n" not in str(e.value) and "exp.yaml" in str(e.value)
