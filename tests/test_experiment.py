@@ -87,3 +87,14 @@ def test_bad_experiment_files_get_one_line(tmp_path, text, message):
     with pytest.raises(DeliaError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")) as e:
         load_experiment(tmp_path / "exp.yaml")
     assert "\n" not in str(e.value) and "exp.yaml" in str(e.value)
+
+
+EXPERIMENTS = __import__("pathlib").Path(__file__).resolve().parent.parent / "experiments"
+
+
+@pytest.mark.parametrize("name", sorted(p.name for p in EXPERIMENTS.glob("*.yaml")))
+def test_shipped_experiments_are_valid(name):
+    from delia.experiment import run_configs
+
+    configs = list(run_configs(load_experiment(EXPERIMENTS / name)))
+    assert configs and all(cfg.arms for _, _, cfg in configs)
