@@ -1,6 +1,8 @@
 """Baselines on the tiny random model: model arithmetic decoding, fact rows, in-context examples, and
 every baseline arm producing its row of the report."""
 
+import json
+
 import pytest
 import torch
 from safetensors.torch import load_file
@@ -50,20 +52,32 @@ def test_icl_prefix_is_k_turn_pairs_fixed_by_the_seed():
 def test_every_baseline_arm_gets_its_row(tiny_model_dir, tmp_path):
     from delia.pipeline import run_all
 
-    arms = ["untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic", "common", "neftune", "facts"]
+    arms = ["untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic", "common", "neftune",
+            "facts", "dmt", "delia", "facts_equal_steps"]
+    (tmp_path / "q.jsonl").write_text("".join(f'{{"instruction": "Name {n} colours.", "output": "Red."}}\n'
+                                              for n in range(20)))
     cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
                              "task.eval_rows=2", f"arms=[{', '.join(arms)}]", "train.batch_size=4",
-                             "evaluate.max_new_tokens=4", "baselines.icl_k=2", "baselines.rows_per_fact=2"])
+                             "evaluate.max_new_tokens=4", "baselines.icl_k=2", "baselines.rows_per_fact=2",
+                             f"sample.queries={tmp_path / 'q.jsonl'}", "sample.max_new_tokens=4", "mix.ratio=2",
+                             "baselines.dmt_task_fraction=0.25"])
     report = run_all(cfg).read_text()
     for label in ("Untouched model", "In-context examples", "random init (untrained)", "mean init (untrained)",
                   "description init (untrained)", "Model arithmetic", "Common instruction tuning (1 epoch)",
-                  "NEFTune", "Fact-based injection"):
+                  "NEFTune", "Fact-based injection (1 epoch)", "DMT", "Fact-based injection (DELIA's steps)"):
         assert label in report, label
+    steps = {arm: json.loads((tmp_path / "train" / arm / "manifest.json").read_text())["outputs"]
+             for arm in ("common", "dmt", "delia", "facts_equal_steps")}
+    # DMT: stage 2 on 16 diverse + 2 task rows (5 steps of 4) after common's 2 steps
+    assert steps["dmt"]["stage2_steps"] == 5 and steps["dmt"]["steps"] == 5 + steps["common"]["steps"]
+    assert steps["facts_equal_steps"]["steps"] == steps["delia"]["steps"] == 6
     assert (tmp_path / "mix" / "facts.jsonl").read_text().count('"source": "fact"') == 6  # 3 facts x 2
     weights = {arm: load_file(tmp_path / "train" / arm / "adapter" / "adapter_model.safetensors")
-               for arm in ("common", "neftune")}
-    # same rows, same seed: only NEFTune's noise tells the two adapters apart
+               for arm in ("common", "neftune", "dmt")}
+    # same rows, same seed: only NEFTune's noise tells the two adapters apart; DMT went on from common
     assert any(not torch.equal(weights["common"][k], weights["neftune"][k]) for k in weights["common"])
+    assert weights["dmt"].keys() == weights["common"].keys()
+    assert any(not torch.equal(weights["common"][k], weights["dmt"][k]) for k in weights["common"])
     icl = (tmp_path / "eval" / "icl" / "manifest.json").read_text()
     assert '"icl_k": 2' in icl
 

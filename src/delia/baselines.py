@@ -1,5 +1,6 @@
 """Baselines that need more than a data file: in-context examples, fact-based injection rows and
-controlled generation by model arithmetic.
+controlled generation by model arithmetic. (DMT, Dong et al. 2024, is the common arm's adapter trained
+on for one more epoch on DELIA's diverse rows plus a share of the task rows: see `pipeline.stage_train`.)
 
 - In-context learning: `k` training rows (drawn once with the seed) are put before every evaluation
   prompt as earlier user / assistant turns.

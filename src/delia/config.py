@@ -151,6 +151,8 @@ class BaselinesConfig:
     """`facts` arm: atomic facts about the new token (empty = from task.description and task.required_keys)."""
     rows_per_fact: int = 4
     """`facts` arm: question-answer rows made from each fact."""
+    dmt_task_fraction: float = 0.125
+    """`dmt` arm (stage 2): share of the task rows mixed back into the diverse rows."""
 
 
 @dataclass
@@ -171,8 +173,8 @@ class RunConfig:
     seed: int = 0
     arms: list[str] = field(default_factory=lambda: ["untouched", "common", "delia", "common_equal_steps"])
     """Which rows the report holds: untouched, common (1 epoch), delia, common_equal_steps, and the
-    baselines icl, init_random, init_mean, init_description, arithmetic, neftune, facts; every trained
-    arm but delia also as ARM_equal_steps (as many optimizer steps as delia)."""
+    baselines icl, init_random, init_mean, init_description, arithmetic, neftune, facts, dmt; common,
+    neftune and facts also as ARM_equal_steps (as many optimizer steps as delia)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -188,7 +190,7 @@ class RunConfig:
 BASE_TRAINED_ARMS = ("common", "delia", "neftune", "facts")
 EQUAL_STEPS = "_equal_steps"
 """A trained arm with this suffix trains for as many optimizer steps as the delia arm took."""
-TRAINED_ARMS = BASE_TRAINED_ARMS + tuple(a + EQUAL_STEPS for a in BASE_TRAINED_ARMS if a != "delia")
+TRAINED_ARMS = BASE_TRAINED_ARMS + ("dmt",) + tuple(a + EQUAL_STEPS for a in BASE_TRAINED_ARMS if a != "delia")
 UNTRAINED_ARMS = ("untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic")
 ARMS = UNTRAINED_ARMS + TRAINED_ARMS
 

@@ -18,7 +18,7 @@ from .data.sample import sample_diverse
 from .data.task import build_task
 from .runfolder import Stage, atomic_path, read_jsonl, write_json, write_jsonl
 
-DATA = {"delia": "delia.jsonl", "facts": "facts.jsonl"}
+DATA = {"delia": "delia.jsonl", "facts": "facts.jsonl", "dmt": "dmt.jsonl"}
 """Each trained arm's rows in mix/ (common.jsonl for the rest)."""
 MAGPIE = "magpie"
 
@@ -156,17 +156,23 @@ def magpie_queries(cfg: RunConfig, n: int, folder: Path) -> tuple[list[list[dict
     return [[{"role": "user", "content": q}] for q in kept], stats
 
 
+def _needs_diverse(cfg: RunConfig) -> bool:
+    return "delia" in cfg.arms or "dmt" in cfg.arms
+
+
 def stage_mix(cfg: RunConfig) -> dict:
     folder = _run_dir(cfg) / "mix"
     task_train = _run_dir(cfg) / "task" / "train.jsonl"
     delia_task = task_rows_path(cfg)
     diverse = _run_dir(cfg) / "sample" / "diverse.jsonl"
     inputs = {"task": task_train}
-    if "delia" in cfg.arms:
+    if _needs_diverse(cfg):
         inputs.update(delia_task=delia_task, diverse=diverse)
     settings = {"ratio": cfg.mix.ratio, "seed": cfg.seed}
     if "facts" in cfg.arms:
         settings["facts"] = {k: v for k, v in config_dict(cfg)["baselines"].items() if k in ("facts", "rows_per_fact")}
+    if "dmt" in cfg.arms:
+        settings["dmt_task_fraction"] = cfg.baselines.dmt_task_fraction
     stage = Stage(folder, "mix", settings, inputs)
     if done := _skip(stage):
         return done
@@ -180,6 +186,14 @@ def stage_mix(cfg: RunConfig) -> dict:
         rows = [{"messages": r["messages"], "source": "task"} for r in task_rows] + facts
         random.Random(cfg.seed).shuffle(rows)
         write_jsonl(folder / "facts.jsonl", rows)
+    if "dmt" in cfg.arms:  # DMT's second stage: the diverse rows DELIA gets, and a share of the task rows
+        keep = random.Random(cfg.seed).sample(task_rows, math.ceil(cfg.baselines.dmt_task_fraction * len(task_rows)))
+        rows = [{"messages": r["messages"], "source": "task"} for r in keep]
+        rows += [{"messages": r["messages"], "source": "diverse"}
+                 for r in read_jsonl(diverse)[: diverse_rows_needed(cfg, len(task_rows))]]
+        random.Random(cfg.seed).shuffle(rows)
+        write_jsonl(folder / "dmt.jsonl", rows)
+        outputs["dmt_rows"] = len(rows)
         outputs["facts_rows"] = len(facts)
     if "delia" in cfg.arms:
         rows = mix_with_diverse(read_jsonl(delia_task), read_jsonl(diverse), cfg.mix.ratio, cfg.seed)
@@ -211,13 +225,24 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
                 "max_steps": max_steps, "seed": cfg.seed}
     if base == "neftune":
         settings["neftune_alpha"] = cfg.baselines.neftune_alpha
-    stage = Stage(folder, f"train:{arm}", settings, {"data": data})
+    inputs = {"data": data}
+    if arm == "dmt":  # stage 1 is the common arm: stage 2 goes on from its adapter
+        inputs["stage1"] = _adapter(cfg, "common") / "adapter_model.safetensors"
+    stage = Stage(folder, f"train:{arm}", settings, inputs)
     if done := _skip(stage):
         return done
     print(f"delia: train {arm}" + (f" ({max_steps} steps, as delia)" if max_steps else " (1 epoch)"), flush=True)
     model, tokenizer = _model(cfg)
     stats = train_lora(model, tokenizer, read_jsonl(data), cfg.train, cfg.task, folder, cfg.seed, max_steps,
-                       neftune_alpha=cfg.baselines.neftune_alpha if base == "neftune" else 0.0)
+                       neftune_alpha=cfg.baselines.neftune_alpha if base == "neftune" else 0.0,
+                       resume_adapter=_adapter(cfg, "common") if arm == "dmt" else None)
+    if arm == "dmt":  # count both stages
+        import json
+
+        first = json.loads((_run_dir(cfg) / "train" / "common" / "manifest.json").read_text())["outputs"]
+        stats.update(stage2_steps=stats["steps"], steps=stats["steps"] + first["steps"],
+                     trained_tokens=stats["trained_tokens"] + first["trained_tokens"],
+                     seconds=round(stats["seconds"] + first["seconds"], 1))
     return stage.finish(adapter=str(folder / "adapter"), **stats)
 
 
@@ -511,13 +536,15 @@ def stage_report(cfg: RunConfig) -> Path:
 def run_all(cfg: RunConfig) -> Path:
     """The whole chain for the configured arms; returns the report's path."""
     stage_task(cfg)
-    if "delia" in cfg.arms:
+    if _needs_diverse(cfg):
         if cfg.diversify.paraphrases > 0:
             stage_diversify(cfg)
         stage_sample(cfg)
     stage_mix(cfg)
     order = [a for a in ("delia", *TRAINED_ARMS) if a in cfg.arms]
     order = list(dict.fromkeys(order))
+    if "dmt" in order and "common" not in order:
+        raise DeliaError("arms: dmt needs the common arm (its first stage)")
     if any(a.endswith(EQUAL_STEPS) for a in order) and "delia" not in order:
         raise DeliaError(f"arms: the *{EQUAL_STEPS} arms need the delia arm (they match delia's optimizer steps)")
     for arm in order:

@@ -21,6 +21,7 @@ LABELS = {
     "arithmetic": "Model arithmetic (untrained)",
     "neftune": "NEFTune (common + embedding noise, 1 epoch)",
     "facts": "Fact-based injection (1 epoch)",
+    "dmt": "DMT (common, then diverse + some task rows; 1 epoch each)",
     "common": "Common instruction tuning (1 epoch)",
     "delia": "DELIA (1 epoch)",
     "common_equal_steps": "Common instruction tuning (DELIA's steps)",
@@ -29,7 +30,7 @@ LABELS = {
 }
 COMPARISONS = [
     ("One epoch each (the paper's protocol)", ["untouched", "icl", "init_random", "init_mean", "init_description",
-                                               "arithmetic", "common", "neftune", "facts", "delia"]),
+                                               "arithmetic", "common", "neftune", "facts", "dmt", "delia"]),
     ("Equal optimizer steps", ["common_equal_steps", "neftune_equal_steps", "facts_equal_steps", "delia"]),
 ]
 

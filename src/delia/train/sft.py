@@ -116,6 +116,7 @@ def train_lora(
     seed: int,
     max_steps: int = 0,
     neftune_alpha: float = 0.0,
+    resume_adapter: Path | None = None,
 ) -> dict:
     """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
     and save it with the tokenizer in `out_dir/adapter`. Returns the run's figures."""
@@ -124,7 +125,14 @@ def train_lora(
     from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
 
     set_seed(seed)  # the LoRA init draws from the global generator: same seed, same adapter, in any process
-    new_ids = add_new_tokens(model, tokenizer, task.new_tokens, cfg.token_init, task.description, seed)
+    if resume_adapter:  # go on training a saved adapter (DMT's second stage)
+        meta = json.loads((Path(resume_adapter) / TOKENS_FILE).read_text())
+        model, tokenizer = load_adapter(model, tokenizer, resume_adapter, trainable=True)
+        new_ids = tokenizer.convert_tokens_to_ids(meta["tokens"])
+        token_init, seed_init = meta["init"], meta["seed"]
+    else:
+        new_ids = add_new_tokens(model, tokenizer, task.new_tokens, cfg.token_init, task.description, seed)
+        token_init, seed_init = cfg.token_init, seed
     tokenizer.padding_side = "right"
     examples = [tokenize_chat(tokenizer, r["messages"], cfg.max_length) for r in rows]
     examples = [e for e in examples if any(l != IGNORE for l in e["labels"])]
@@ -135,7 +143,8 @@ def train_lora(
     if batch % micro:
         raise DeliaError(f"train.batch_size {batch} is not a multiple of train.micro_batch_size {micro}")
     embed_name = embedding_module_name(model)
-    model = get_peft_model(model, lora_config(cfg, embed_name, new_ids))
+    if not resume_adapter:
+        model = get_peft_model(model, lora_config(cfg, embed_name, new_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_log = out_dir / "loss.jsonl"
     loss_log.unlink(missing_ok=True)
@@ -183,8 +192,8 @@ def train_lora(
     # re-created on load by the same deterministic init: no need to save the whole resized matrix
     model.save_pretrained(adapter, save_embedding_layers=False)
     tokenizer.save_pretrained(adapter)
-    write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens, "init": cfg.token_init,
-                                       "description": task.description, "seed": seed})
+    write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens, "init": token_init,
+                                       "description": task.description, "seed": seed_init})
     losses = [json.loads(line)["loss"] for line in open(loss_log)] if loss_log.exists() else []
     return {
         "rows": len(examples),
@@ -203,10 +212,10 @@ def train_lora(
     }
 
 
-def load_adapter(model, tokenizer, adapter_dir: Path):
+def load_adapter(model, tokenizer, adapter_dir: Path, trainable: bool = False):
     """Re-create the new tokens exactly as in training, then attach the saved adapter."""
     from peft import PeftModel
 
     meta = json.loads((Path(adapter_dir) / TOKENS_FILE).read_text())
     add_new_tokens(model, tokenizer, meta["tokens"], meta["init"], meta["description"], meta["seed"])
-    return PeftModel.from_pretrained(model, str(adapter_dir)), tokenizer
+    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable), tokenizer
