@@ -68,6 +68,8 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     for run in ("all", "more-diverse", "one-wording"):
         assert f"| {run} | Untouched model |" in report and f"| {run} | DELIA (1 epoch) |" in report
     assert "±" in report  # two seeds: a mean and a spread
+    assert "| one-wording | untouched (random init) |" in report and "| all | DELIA (1 epoch) |" in report
+    assert report.count("Seconds per seed") == 1 and "exp/all/seed-0/analysis/divergent.png" in report
     # the ratio-3 run of seed 0 answered only the queries the ratio-2 run had not
     sample = json.loads((experiment / "exp" / "more-diverse" / "seed-0" / "sample" / "manifest.json").read_text())
     assert sample["outputs"]["requested"] == 24 and sample["outputs"]["resumed_from_cache"] >= 16

@@ -102,11 +102,54 @@ def run_experiment(path: str | Path) -> Path:
         print(f"delia: experiment run {i}/{len(configs)}: {name}, seed {seed}", flush=True)
         _share_sample_cache(Path(cfg.run_dir), exp_dir, seed)
         run_all(cfg)
-        results.append({"run": name, "seed": seed, "arms": collect(cfg)["arms"]})
+        data = collect(cfg)
+        results.append({"run": name, "seed": seed, "run_dir": cfg.run_dir, "arms": data["arms"],
+                        "token": cfg.task.new_tokens[0], "keyword": (cfg.task.keywords or [""])[0],
+                        "token_distance": data["token_distance"], "divergent": data["divergent"],
+                        "seconds": round(sum(v["seconds"] for v in data["stages"].values()), 1)})
     write_json(exp_dir / "report.json", {"experiment": str(path), "base": exp["base"], "results": results})
     report = exp_dir / "report.md"
     write_text(report, render(exp, results))
     return report
+
+
+def _mean(values: list[float], digits: int = 1) -> str:
+    if not values:
+        return "-"
+    mean = statistics.fmean(values)
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+
+
+def _analysis_tables(exp: dict, results: list[dict]) -> list[str]:
+    """Token distance (first / middle / last block) and the divergent token per run and model, and the
+    time of each run, averaged over seeds."""
+    from .analysis.token_distance import first_middle_last
+    from .report.tables import LABELS
+
+    if not results:
+        return []
+    token, kw = results[0]["token"], results[0]["keyword"]
+    lines = ["", f"## `{token}` against \u201c{kw}\u201d and the divergent token", "",
+             f"| Run | Model | L2 to \u201c{kw}\u201d, first block | middle block | last block | "
+             "P(right `{`), held-out wordings | Entropy (nats), held-out wordings |", "|---|---|---|---|---|---|---|"]
+    for run in exp["runs"]:
+        rows = [r for r in results if r["run"] == run["name"] and r["token_distance"]]
+        models = list(dict.fromkeys(m for r in rows for m in r["token_distance"]))
+        for model in models:
+            fml = [first_middle_last(r["token_distance"][model][kw]["l2"]) for r in rows
+                   if kw in r["token_distance"].get(model, {})]
+            div = [r["divergent"][model]["heldout"] for r in rows
+                   if r["divergent"] and "heldout" in r["divergent"].get(model, {})]
+            lines.append(f"| {run['name']} | {LABELS.get(model, model)} | "
+                         + " | ".join(_mean([f[i] for f in fml]) for i in range(3))
+                         + f" | {_mean([d['p_right'] for d in div], 3)} | {_mean([d['entropy'] for d in div], 2)} |")
+    lines += ["", "| Run | Seconds per seed (all stages) | Plots (first seed) |", "|---|---|---|"]
+    for run in exp["runs"]:
+        rows = [r for r in results if r["run"] == run["name"]]
+        first = Path(rows[0]["run_dir"]) / "analysis" if rows else None
+        plots = f"`{first / 'token_distance.png'}`, `{first / 'divergent.png'}`" if first else "-"
+        lines.append(f"| {run['name']} | {_mean([r['seconds'] for r in rows], 0)} | {plots} |")
+    return lines
 
 
 def _stat(values: list[float]) -> str:
@@ -140,6 +183,7 @@ def render(exp: dict, results: list[dict]) -> str:
             lines.append(f"| {run['name']} | {LABELS.get(arm, arm)} | {_stat(values('seen', 'format_accuracy'))} | "
                          f"{_stat(values('heldout', 'format_accuracy'))} | {_stat(values('seen', 'label_accuracy'))} | "
                          f"{_stat(values('heldout', 'label_accuracy'))} | {', '.join(map(str, steps))} |")
+    lines += _analysis_tables(exp, results)
     lines += ["", "Overrides per run: " + "; ".join(f"{r['name']}: {', '.join(f'`{s}`' for s in r.get('set', [])) or 'none'}"
                                                 for r in exp["runs"]),
               "", "Each run's own report (both budget comparisons, token distances, stage times): "
