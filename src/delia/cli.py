@@ -37,6 +37,13 @@ def _parser() -> argparse.ArgumentParser:
     v = verb("diagnose", "the buffering diagnostic: task-gradient direction and size with and without diverse rows")
     v.add_argument("--arm", default="untouched", help="weights to measure at (default: the untouched model)")
     verb("export", "merge an arm's adapter into a plain model folder (for vLLM, TGI, llama.cpp)", arm=True)
+    d = sub.add_parser("data", help="build a data set: en-is (English-Icelandic pairs and a dictionary from Debian packages)")
+    d.add_argument("dataset", choices=["en-is"])
+    d.add_argument("--out", default="data/en-is", help="output folder (default: data/en-is)")
+    d.add_argument("--deb-dir", default=None, help="where the .deb files are or go (default: OUT/debs)")
+    d.add_argument("--dev", type=int, default=200)
+    d.add_argument("--test", type=int, default=500)
+    d.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("experiment", help="many runs (baselines, ablations, seeds) and one report; resumes")
     e.add_argument("experiment", help="experiment YAML (see experiments/)")
     v = verb("serve", "an OpenAI-compatible chat server over the model (and an adapter)")
@@ -56,6 +63,16 @@ def main(argv: list[str] | None = None) -> int:
         from . import pipeline
         from .config import load_config
 
+        if args.verb == "data":
+            from pathlib import Path
+
+            from .data import en_is
+
+            out = en_is.build(Path(args.out), deb_dir=Path(args.deb_dir) if args.deb_dir else None,
+                              dev=args.dev, test=args.test, seed=args.seed)
+            print(f"delia: en-is: {out['pairs']} pairs ({', '.join(f'{k} {v}' for k, v in out['sizes'].items())}), "
+                  f"{out['dictionary_headwords']} dictionary headwords in {args.out}")
+            return 0
         if args.verb == "experiment":
             from .experiment import run_experiment
 
