@@ -7,6 +7,11 @@ on for one more epoch on DELIA's diverse rows plus a share of the task rows: see
 - Fact-based injection (Mecklenburg et al. 2024): atomic facts about what each new token means, each
   turned into the same number of question-answer rows (even coverage), trained with the task rows.
   Default facts: "`<sep>` means DESCRIPTION." and one fact per required key.
+- DiPMT (Ghazvininejad et al. 2023), translation, no training: for the `dipmt_words` words of the
+  source sentence that are in the dictionary and rarest in the training sources (ties: the earlier
+  word), a paragraph of hints 'In this context, the word "X" means "Y".' (Y: its first two senses
+  joined by "or") goes between the sentence and the instruction. Words are matched lower-cased as they
+  stand, so an inflected Icelandic form misses its headword.
 - Model arithmetic (Dekoninck et al. 2023), no training: at every step the next-token log-probabilities
   of the model prompted with the description (`M_desc`: each new token in the prompt followed by
   "(DESCRIPTION)") and without it (`M_plain`: the prompt as is) are combined as
@@ -15,11 +20,16 @@ on for one more epoch on DELIA's diverse rows plus a share of the task rows: see
 
 from __future__ import annotations
 
+import json
 import random
+import re
+from collections import Counter
+from pathlib import Path
 from typing import Iterator, Sequence
 
 import torch
 
+from . import DeliaError
 from .config import TaskConfig
 from .model.generate import LocalGenerator, Request, batch_seed
 
@@ -35,6 +45,44 @@ def icl_prefix(train_rows: list[dict], k: int, seed: int) -> list[dict]:
     """k training conversations, drawn once with the seed, as earlier turns."""
     picked = random.Random(seed).sample(train_rows, min(k, len(train_rows)))
     return [m for row in picked for m in row["messages"] if m["role"] != "system"]
+
+
+def dictionary_path(task: TaskConfig) -> Path:
+    return Path(task.dictionary) if task.dictionary else Path(task.source) / "dictionary.json"
+
+
+def load_dictionary(task: TaskConfig) -> dict[str, list[str]]:
+    """{source-language word: [translations]} for the task's direction."""
+    from .data.en_is import invert
+
+    path = dictionary_path(task)
+    try:
+        data = json.loads(path.read_text(encoding="utf-8"))
+    except (OSError, ValueError) as e:
+        raise DeliaError(f"{path}: cannot read the DiPMT dictionary: {e}") from None
+    if task.dictionary:
+        return data
+    return invert(data) if task.direction == "en-is" else {k.lower(): v for k, v in data.items()}
+
+
+def _words(text: str) -> list[str]:
+    return re.findall(r"\w+", text.lower())
+
+
+def dipmt_rows(rows: list[dict], train_rows: list[dict], dictionary: dict[str, list[str]], n: int) -> list[dict]:
+    """Evaluation rows with dictionary hints before the instruction."""
+    freq = Counter(w for r in train_rows for w in _words(r["messages"][0]["content"].rsplit("\n\n", 1)[0]))
+    out = []
+    for row in rows:
+        user = row["messages"][0]["content"]
+        sentence, _, wording = user.rpartition("\n\n")
+        words = list(dict.fromkeys(w for w in _words(sentence) if w in dictionary))
+        picked = sorted(sorted(words, key=lambda w: (freq[w], words.index(w)))[:n], key=words.index)
+        hints = " ".join(f'In this context, the word "{w}" means "{" or ".join(dictionary[w][:2])}".' for w in picked)
+        content = f"{sentence}\n\n{hints}\n\n{wording}" if hints else user
+        out.append({**row, "messages": [{**row["messages"][0], "content": content}] + row["messages"][1:],
+                    "hints": picked})
+    return out
 
 
 def default_facts(task: TaskConfig) -> list[str]:

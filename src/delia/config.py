@@ -49,8 +49,16 @@ class GenerationConfig:
 
 @dataclass
 class TaskConfig:
+    kind: str = "formatted"
+    """`formatted` (answers are objects with required keys) or `translation` (scored with chrF++ and BLEU)."""
+    direction: str = "en-is"
+    """For `translation`: en-is or is-en."""
+    dictionary: str = ""
+    """For the `dipmt` arm: a {source-language word: [translations]} JSON (default: SOURCE/dictionary.json,
+    Icelandic -> English, inverted for en-is)."""
     source: str = "demo"
-    """`demo` (the built-in hallucination-check task) or a file: messages JSONL, alpaca or sharegpt JSON/JSONL."""
+    """`demo` (the built-in hallucination-check task) or a file: messages JSONL, alpaca or sharegpt JSON/JSONL;
+    for `translation`, a folder from `delia data en-is` or a JSONL (source, target) / TSV file."""
     train_rows: int = 48
     """Training rows: for `demo`, how many to generate; for a file, at most this many (0 = all not held out)."""
     eval_rows: int = 24
@@ -151,6 +159,8 @@ class BaselinesConfig:
     """`facts` arm: atomic facts about the new token (empty = from task.description and task.required_keys)."""
     rows_per_fact: int = 4
     """`facts` arm: question-answer rows made from each fact."""
+    dipmt_words: int = 3
+    """`dipmt` arm: dictionary hints per source sentence (its rarest words in the training sources)."""
     dmt_task_fraction: float = 0.125
     """`dmt` arm (stage 2): share of the task rows mixed back into the diverse rows."""
 
@@ -191,7 +201,7 @@ BASE_TRAINED_ARMS = ("common", "delia", "neftune", "facts")
 EQUAL_STEPS = "_equal_steps"
 """A trained arm with this suffix trains for as many optimizer steps as the delia arm took."""
 TRAINED_ARMS = BASE_TRAINED_ARMS + ("dmt",) + tuple(a + EQUAL_STEPS for a in BASE_TRAINED_ARMS if a != "delia")
-UNTRAINED_ARMS = ("untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic")
+UNTRAINED_ARMS = ("untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic", "dipmt")
 ARMS = UNTRAINED_ARMS + TRAINED_ARMS
 
 
@@ -237,6 +247,12 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
             raise DeliaError(f"{path}: 'arms': unknown arm '{arm}' (known: {', '.join(ARMS)})")
     if cfg.train.token_init not in ("random", "mean", "description"):
         raise DeliaError(f"{path}: 'train.token_init': expected random, mean or description, got {cfg.train.token_init!r}")
+    if cfg.task.kind not in ("formatted", "translation"):
+        raise DeliaError(f"{path}: 'task.kind': expected formatted or translation, got {cfg.task.kind!r}")
+    if cfg.task.kind == "translation" and cfg.task.source == "demo":
+        raise DeliaError(f"{path}: 'task.source': a translation task reads pairs (e.g. data/en-is from `delia data en-is`)")
+    if "dipmt" in cfg.arms and cfg.task.kind != "translation":
+        raise DeliaError(f"{path}: 'arms': dipmt is a translation baseline (task.kind is {cfg.task.kind!r})")
     if cfg.train.new_token_mode not in ("trainable_tokens", "lora", "full"):
         raise DeliaError(f"{path}: 'train.new_token_mode': expected trainable_tokens, lora or full, "
                          f"got {cfg.train.new_token_mode!r}")

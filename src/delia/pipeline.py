@@ -42,7 +42,13 @@ def _model(cfg: RunConfig):
 
 def stage_task(cfg: RunConfig) -> dict:
     folder = _run_dir(cfg) / "task"
-    inputs = {} if cfg.task.source == "demo" else {"source": cfg.task.source}
+    source = Path(cfg.task.source)
+    if cfg.task.source == "demo":
+        inputs = {}
+    elif source.is_dir():  # a corpus folder (delia data en-is)
+        inputs = {p.stem: p for p in sorted(source.glob("*.jsonl")) if p.stem in ("train", "test")}
+    else:
+        inputs = {"source": source}
     stage = Stage(folder, "task", {"task": config_dict(cfg)["task"], "seed": cfg.seed}, inputs)
     if done := _skip(stage):
         return done
@@ -316,11 +322,15 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     inputs = {"eval": eval_path, "task": train_path}
     if arm in TRAINED_ARMS:
         inputs["adapter"] = _adapter(cfg, arm) / "adapter_model.safetensors"
+    if arm == "dipmt":
+        from .baselines import dictionary_path
+
+        inputs["dictionary"] = dictionary_path(cfg.task)
     folder = _run_dir(cfg) / "eval" / arm
     gen = cfg.generation
     settings = {"evaluate": config_dict(cfg)["evaluate"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
                 "backend": gen.backend, "server_model": gen.server_model if gen.backend == "openai" else ""}
-    if arm in ("icl", "arithmetic"):
+    if arm in ("icl", "arithmetic", "dipmt"):
         settings["baselines"] = config_dict(cfg)["baselines"]
     stage = Stage(folder, f"evaluate:{arm}", settings, inputs)
     if done := _skip(stage):
@@ -334,8 +344,17 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
 
         prefix = icl_prefix(read_jsonl(train_path), cfg.baselines.icl_k, cfg.seed)
         rows = [{**r, "messages": prefix + r["messages"]} for r in rows]
+    if arm == "dipmt":
+        from .baselines import dipmt_rows, load_dictionary
+
+        rows = dipmt_rows(rows, read_jsonl(train_path), load_dictionary(cfg.task), cfg.baselines.dipmt_words)
     generator = arm_generator(cfg, arm, cfg.evaluate.batch_size)
-    metrics, generations = evaluate_formatted(generator, rows, cfg.task, budget, cfg.seed)
+    if cfg.task.kind == "translation":
+        from .evaluate.translation import evaluate_translation
+
+        metrics, generations = evaluate_translation(generator, rows, budget, cfg.seed)
+    else:
+        metrics, generations = evaluate_formatted(generator, rows, cfg.task, budget, cfg.seed)
     write_jsonl(folder / "generations.jsonl", generations)
     write_json(folder / "metrics.json", metrics)
     return stage.finish(**metrics)
@@ -551,5 +570,6 @@ def run_all(cfg: RunConfig) -> Path:
         stage_train(cfg, arm)
     for arm in cfg.arms:
         stage_evaluate(cfg, arm)
-    stage_analyze(cfg)
+    if cfg.task.new_tokens and cfg.task.kind == "formatted":
+        stage_analyze(cfg)
     return stage_report(cfg)

@@ -34,7 +34,11 @@ def _set_wording(row: dict, wording: str) -> dict:
 
 def build_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
     """(training rows, evaluation rows); each evaluation row carries `group`: seen or heldout."""
-    if cfg.source == "demo":
+    if cfg.kind == "translation":
+        from .translation import build_translation_task
+
+        train, seen, heldout = build_translation_task(cfg.source, cfg.direction, cfg.train_rows, cfg.eval_rows, seed)
+    elif cfg.source == "demo":
         train = demo_task.make_rows(cfg.train_rows, demo_task.TRAIN_WORDINGS, seed)
         used = {r["question"] for r in train}
         seen = demo_task.make_rows(cfg.eval_rows, demo_task.TRAIN_WORDINGS, seed + 1, avoid=used)

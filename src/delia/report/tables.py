@@ -19,6 +19,7 @@ LABELS = {
     "init_mean": "New token, mean init (untrained)",
     "init_description": "New token, description init (untrained)",
     "arithmetic": "Model arithmetic (untrained)",
+    "dipmt": "DiPMT (dictionary hints, untrained)",
     "neftune": "NEFTune (common + embedding noise, 1 epoch)",
     "facts": "Fact-based injection (1 epoch)",
     "dmt": "DMT (common, then diverse + some task rows; 1 epoch each)",
@@ -29,7 +30,7 @@ LABELS = {
     "facts_equal_steps": "Fact-based injection (DELIA's steps)",
 }
 COMPARISONS = [
-    ("One epoch each (the paper's protocol)", ["untouched", "icl", "init_random", "init_mean", "init_description",
+    ("One epoch each (the paper's protocol)", ["untouched", "icl", "dipmt", "init_random", "init_mean", "init_description",
                                                "arithmetic", "common", "neftune", "facts", "dmt", "delia"]),
     ("Equal optimizer steps", ["common_equal_steps", "neftune_equal_steps", "facts_equal_steps", "delia"]),
 ]
@@ -99,7 +100,7 @@ def render(data: dict) -> str:
     any_arm = next(iter(arms.values()), None)
     lines = [f"# DELIA report: {cfg['run_dir']}", ""]
     lines.append(f"Model `{cfg['model']['name']}`, task `{cfg['task']['source']}`, new tokens "
-                 f"{', '.join(f'`{t}`' for t in cfg['task']['new_tokens'])}, diverse ratio {cfg['mix']['ratio']:g}x, "
+                 f"{', '.join(f'`{t}`' for t in cfg['task']['new_tokens']) or 'none'}, diverse ratio {cfg['mix']['ratio']:g}x, "
                  f"seed {cfg['seed']}.")
     if any_arm:
         m = any_arm["metrics"]
@@ -111,7 +112,10 @@ def render(data: dict) -> str:
         present = [a for a in order if a in arms]
         if len(present) < 2:
             continue
-        lines += [f"## {title}", "", HEADER] + [_row(a, arms[a]) for a in present] + [""]
+        if cfg["task"]["kind"] == "translation":
+            lines += [f"## {title}", ""] + _translation_table(present, arms) + [""]
+        else:
+            lines += [f"## {title}", "", HEADER] + [_row(a, arms[a]) for a in present] + [""]
     if data.get("token_distance"):
         lines += _distance_table(data["token_distance"], cfg) + [""]
     if data.get("divergent"):
@@ -151,6 +155,22 @@ def _distance_table(results: dict, cfg: dict) -> list[str]:
         lines.append(f"| {LABELS.get(name, name)} | {' | '.join(cells)} | {emb} |")
     lines += ["", "![token distance by block](analysis/token_distance.png)",
               "Definition: `delia.analysis.token_distance` (carrier sentences, slot states, averaged)."]
+    return lines
+
+
+def _translation_table(present: list[str], arms: dict) -> list[str]:
+    """The paper's Table 3 shape: chrF++ and BLEU, and the change over the untouched model in percent."""
+    base = arms.get("untouched", {}).get("metrics", {})
+    lines = ["| Arm | chrF++ (seen) | chrF++ (held-out) | vs untouched (held-out) | BLEU (seen) | BLEU (held-out) | "
+             "Optimizer steps |", "|---|---|---|---|---|---|---|"]
+    for arm in present:
+        m, t = arms[arm]["metrics"], arms[arm]["train"] or {}
+        ref = base.get("heldout", {}).get("chrf++")
+        held = m.get("heldout", {}).get("chrf++")
+        change = f"{100 * (held - ref) / ref:+.1f} %" if ref and held is not None and arm != "untouched" else "-"
+        cells = [LABELS.get(arm, arm), *(str(m.get(g, {}).get("chrf++", "-")) for g in ("seen", "heldout")), change,
+                 *(str(m.get(g, {}).get("bleu", "-")) for g in ("seen", "heldout")), str(t.get("steps", 0))]
+        lines.append("| " + " | ".join(cells) + " |")
     return lines
 
 
