@@ -1,3 +1,6 @@
+import json
+
+import pytest
 import torch
 
 from delia.config import TaskConfig, TrainConfig
@@ -72,3 +75,41 @@ def _fresh_init_row(tmp_path):
     model, tokenizer = _fresh(tmp_path)
     ids = add_new_tokens(model, tokenizer, ["<sep>"], "random", seed=0)
     return model.get_input_embeddings().weight[ids[0]].detach()
+
+
+def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
+    """A crash after step 3 of 6 (checkpoints every 2 steps): the rerun goes on from step 2 and ends with
+    the adapter, token counts and loss log of an uninterrupted run."""
+    from safetensors.torch import load_file
+    from transformers import TrainerCallback
+
+    from delia.model.loading import load_model
+
+    rows = [{"messages": MESSAGES, "source": "task"}] * 12
+    cfg = TrainConfig(batch_size=2, micro_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, save_steps=2)
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 3:
+                raise KeyboardInterrupt
+
+    whole = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "whole", seed=0, run_key="k")
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "cut", seed=0, run_key="k",
+                   callbacks=[Crash()])
+    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2").is_dir()
+    resumed = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "cut", seed=0, run_key="k")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == whole["steps"] == 6
+    assert resumed["trained_tokens"] == whole["trained_tokens"]
+    assert not (tmp_path / "cut" / "checkpoints").exists()
+    a = load_file(tmp_path / "whole" / "adapter" / "adapter_model.safetensors")
+    b = load_file(tmp_path / "cut" / "adapter" / "adapter_model.safetensors")
+    assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
+    steps = lambda p: [json.loads(line)["step"] for line in open(p / "loss.jsonl")]  # noqa: E731
+    assert steps(tmp_path / "cut") == steps(tmp_path / "whole") == [1, 2, 3, 4, 5, 6]
+    # other settings: the stale checkpoint is not used
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "other", seed=0, run_key="k",
+                   callbacks=[Crash()])
+    fresh = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "other", seed=0, run_key="k2")
+    assert fresh["resumed_from_step"] == 0

@@ -129,6 +129,9 @@ class TrainConfig:
     lr_scheduler: str = "constant_with_warmup"
     max_length: int = 512
     """Longer rows are truncated."""
+    save_steps: int = 50
+    """Checkpoint every N optimizer steps (adapter, optimizer, data position), so a killed `train` resumes
+    where it stopped; 0 = no checkpoints. Removed when training ends."""
     token_init: str = "random"
     """Init of new token rows: `random` (as the paper), `mean` (of all embeddings), `description` (mean of its tokens)."""
     train_new_tokens: bool = True

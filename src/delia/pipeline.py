@@ -241,7 +241,7 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     model, tokenizer = _model(cfg)
     stats = train_lora(model, tokenizer, read_jsonl(data), cfg.train, cfg.task, folder, cfg.seed, max_steps,
                        neftune_alpha=cfg.baselines.neftune_alpha if base == "neftune" else 0.0,
-                       resume_adapter=_adapter(cfg, "common") if arm == "dmt" else None)
+                       resume_adapter=_adapter(cfg, "common") if arm == "dmt" else None, run_key=stage.key)
     if arm == "dmt":  # count both stages
         import json
 
@@ -441,7 +441,7 @@ def ratio_trial(cfg: RunConfig, ratio: float, fraction: float, diverse: Path) ->
     max_steps = 0 if fraction >= 1 else max(1, round(fraction * epoch_steps))
     print(f"delia: trial ratio {ratio:g}, {fraction:g} epoch ({max_steps or epoch_steps} steps)", flush=True)
     model, tokenizer = _model(cfg)
-    stats = train_lora(model, tokenizer, rows, cfg.train, cfg.task, folder, cfg.seed, max_steps)
+    stats = train_lora(model, tokenizer, rows, cfg.train, cfg.task, folder, cfg.seed, max_steps, run_key=stage.key)
     loss = task_loss(model, tokenizer, read_jsonl(eval_path), cfg.train.max_length)
     return stage.finish(ratio=ratio, fraction=fraction, steps=stats["steps"], rows=stats["rows"],
                         train_seconds=stats["seconds"], loss=loss)["outputs"]

@@ -6,6 +6,7 @@ Built on transformers' `Trainer` and peft, so the same code runs under `accelera
 from __future__ import annotations
 
 import json
+import shutil
 import time
 from pathlib import Path
 
@@ -18,6 +19,22 @@ from ..runfolder import write_json
 
 IGNORE = -100
 TOKENS_FILE = "delia_tokens.json"
+COUNTS_FILE = "delia_counts.json"
+
+
+def _resumable_checkpoint(folder: Path, run_key: str) -> Path | None:
+    """The last checkpoint left by a killed run with the same settings and inputs (`run_key`), if any;
+    checkpoints of other settings are removed."""
+    from transformers.trainer_utils import get_last_checkpoint
+
+    if not folder.is_dir():
+        return None
+    key = folder / "run_key"
+    last = get_last_checkpoint(str(folder))
+    if key.exists() and key.read_text() == run_key and last and (Path(last) / COUNTS_FILE).exists():
+        return Path(last)
+    shutil.rmtree(folder)
+    return None
 
 
 def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
@@ -55,20 +72,27 @@ def embedding_module_name(model) -> str:
 
 
 class _CountingCollator:
-    """Pads a batch and counts the tokens that go through training (all, and those with a loss)."""
+    """Pads a batch and counts the tokens that go through training (all, and those with a loss).
+    Batches are counted as they are consumed: the data loader collates one batch ahead."""
 
-    def __init__(self, tokenizer):
+    def __init__(self, tokenizer, accumulation: int):
         from transformers import DataCollatorForSeq2Seq
 
         self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
-        self.tokens = 0
-        self.loss_tokens = 0
+        self.accumulation = accumulation
+        self.start = {"step": 0, "tokens": 0, "loss_tokens": 0}  # counts of a checkpoint resumed from
+        self.batches: list[tuple[int, int]] = []
 
     def __call__(self, features):
         batch = self.inner(features)
-        self.tokens += int(batch["attention_mask"].sum())
-        self.loss_tokens += int((batch["labels"] != IGNORE).sum())
+        self.batches.append((int(batch["attention_mask"].sum()), int((batch["labels"] != IGNORE).sum())))
         return batch
+
+    def counts(self, step: int) -> dict:
+        """Tokens and loss tokens trained up to optimizer step `step`."""
+        done = self.batches[: (step - self.start["step"]) * self.accumulation]
+        return {"step": step, "tokens": self.start["tokens"] + sum(t for t, _ in done),
+                "loss_tokens": self.start["loss_tokens"] + sum(n for _, n in done)}
 
 
 NEW_TOKEN_MODES = ("trainable_tokens", "lora", "full")
@@ -117,6 +141,8 @@ def train_lora(
     max_steps: int = 0,
     neftune_alpha: float = 0.0,
     resume_adapter: Path | None = None,
+    run_key: str = "",
+    callbacks: list | None = None,
 ) -> dict:
     """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
     and save it with the tokenizer in `out_dir/adapter`. Returns the run's figures."""
@@ -147,7 +173,21 @@ def train_lora(
         model = get_peft_model(model, lora_config(cfg, embed_name, new_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_log = out_dir / "loss.jsonl"
-    loss_log.unlink(missing_ok=True)
+    collator = _CountingCollator(tokenizer, batch // micro)
+    checkpoint = _resumable_checkpoint(out_dir / "checkpoints", run_key)
+    resumed_from = 0
+    if checkpoint:  # a killed run of the same settings: go on from its last checkpoint
+        counts = json.loads((checkpoint / COUNTS_FILE).read_text())
+        resumed_from = counts["step"]
+        collator.start = counts
+        kept = [line for line in loss_log.read_text().splitlines() if json.loads(line)["step"] <= counts["step"]] \
+            if loss_log.exists() else []
+        loss_log.write_text("".join(line + "\n" for line in kept))
+        print(f"delia: resuming from {checkpoint.name}", flush=True)
+    else:
+        loss_log.unlink(missing_ok=True)
+        (out_dir / "checkpoints").mkdir(exist_ok=True)
+        (out_dir / "checkpoints" / "run_key").write_text(run_key)
 
     class LogLoss(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
@@ -156,7 +196,10 @@ def train_lora(
                     f.write(json.dumps({"step": state.global_step, "loss": logs["loss"],
                                         "lr": logs.get("learning_rate")}) + "\n")
 
-    collator = _CountingCollator(tokenizer)
+        def on_save(self, args, state, control, **kw):
+            folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
+            write_json(folder / COUNTS_FILE, collator.counts(state.global_step))
+
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=micro,
@@ -167,7 +210,9 @@ def train_lora(
         lr_scheduler_type=cfg.lr_scheduler,
         warmup_steps=cfg.warmup_ratio,
         logging_steps=1,
-        save_strategy="no",
+        save_strategy="steps" if cfg.save_steps else "no",
+        save_steps=cfg.save_steps or 500,
+        save_total_limit=1,
         report_to="none",
         seed=seed,
         data_seed=seed,
@@ -181,11 +226,11 @@ def train_lora(
         args=args,
         train_dataset=Dataset.from_list(examples),
         data_collator=collator,
-        callbacks=[LogLoss()],
+        callbacks=[LogLoss(), *(callbacks or [])],
         optimizer_cls_and_kwargs=_separate_token_lr(model, cfg, embed_name),
     )
     started = time.time()
-    result = trainer.train()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.time() - started
     adapter = out_dir / "adapter"
     # the new rows are in the adapter (trainable tokens) and the rest of the embedding is the base's,
@@ -194,7 +239,9 @@ def train_lora(
     tokenizer.save_pretrained(adapter)
     write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens, "init": token_init,
                                        "description": task.description, "seed": seed_init})
+    counts = collator.counts(trainer.state.global_step)
     losses = [json.loads(line)["loss"] for line in open(loss_log)] if loss_log.exists() else []
+    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return {
         "rows": len(examples),
         "task_rows": sum(r.get("source", "task") == "task" for r in rows),
@@ -202,13 +249,14 @@ def train_lora(
         "micro_batch_size": micro,
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
-        "trained_tokens": collator.tokens,
-        "loss_tokens": collator.loss_tokens,
+        "trained_tokens": counts["tokens"],
+        "loss_tokens": counts["loss_tokens"],
         "train_loss": round(result.training_loss, 4),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "seconds": round(seconds, 1),
         "new_token_ids": new_ids,
+        "resumed_from_step": resumed_from,
     }
 
 
