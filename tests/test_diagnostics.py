@@ -101,6 +101,14 @@ def test_sweep_and_tune_ratio_resume(tiny_run, tmp_path, capsys):
     assert again == first
 
 
+def test_sweep_at_equal_steps(tiny_run, tmp_path):
+    from delia.pipeline import stage_sweep
+
+    assert _png(stage_sweep(load_config(None, tiny_run + ["sweep.budget=steps"])))
+    points = json.loads((tmp_path / "run" / "sweep" / "sweep-equal-steps.json").read_text())
+    assert [p["steps"] for p in points] == [6, 6, 6]  # the largest ratio's epoch: 8 + 16 rows / 4
+
+
 def test_diagnose_stage(tiny_run, tmp_path):
     from delia.pipeline import stage_diagnose, stage_sample, stage_task
 

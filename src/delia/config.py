@@ -178,6 +178,9 @@ class SweepConfig:
     """tune-ratio: keep the best 1/eta of the candidates after each rung."""
     bootstrap: int = 1000
     """tune-ratio: paired bootstrap resamples of the held-out rows for the confidence of the pick."""
+    budget: str = "epoch"
+    """`epoch`: each ratio trains (a fraction of) its own epoch, as the paper (more diverse rows, more
+    steps); `steps`: every ratio trains as many steps as the largest ratio's epoch (task rows repeat)."""
 
 
 @dataclass
@@ -267,6 +270,8 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         raise DeliaError(f"{path}: 'generation.base_url': the openai backend needs the server's URL")
     if not cfg.sweep.ratios or min(cfg.sweep.ratios) < 0 or cfg.sweep.rungs < 1 or cfg.sweep.eta < 2:
         raise DeliaError(f"{path}: 'sweep': ratios must be a non-empty list of numbers >= 0, rungs >= 1, eta >= 2")
+    if cfg.sweep.budget not in ("epoch", "steps"):
+        raise DeliaError(f"{path}: 'sweep.budget': expected epoch or steps, got {cfg.sweep.budget!r}")
     if cfg.mix.ratio < 0:
         raise DeliaError(f"{path}: 'mix.ratio': must be >= 0, got {cfg.mix.ratio}")
     return cfg

@@ -423,23 +423,30 @@ def _sweep_diverse(cfg: RunConfig) -> Path:
 
 
 def ratio_trial(cfg: RunConfig, ratio: float, fraction: float, diverse: Path) -> dict:
-    """Train on the task rows + ratio x diverse rows for `fraction` of an epoch; the task loss after.
-    A finished trial is kept in `trials/` and reused by both `sweep` and `tune-ratio`."""
+    """Train on the task rows + ratio x diverse rows for `fraction` of an epoch (`sweep.budget: epoch`) or
+    of the largest ratio's epoch, the same number of steps for every ratio (`steps`); the task loss
+    after. A finished trial is kept in `trials/` and reused by both `sweep` and `tune-ratio`."""
     from .analysis.ratio import task_loss
     from .train.sft import effective_batch, train_lora
 
     eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
-    folder = _run_dir(cfg) / "trials" / f"ratio-{ratio:g}-fraction-{fraction:g}"
+    equal = cfg.sweep.budget == "steps"
+    folder = _run_dir(cfg) / "trials" / f"ratio-{ratio:g}-fraction-{fraction:g}{'-equal-steps' if equal else ''}"
     settings = {"train": config_dict(cfg)["train"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
                 "ratio": ratio, "fraction": fraction, "seed": cfg.seed}
+    if equal:
+        settings["budget"] = {"steps_of_ratio": max(cfg.sweep.ratios)}
     stage = Stage(folder, f"trial:ratio={ratio:g}:fraction={fraction:g}", settings,
                   {"task": task_rows_path(cfg), "diverse": diverse, "eval": eval_path})
     if done := _skip(stage):
         return done["outputs"]
-    rows = mix_with_diverse(read_jsonl(task_rows_path(cfg)), read_jsonl(diverse), ratio, cfg.seed)
-    epoch_steps = math.ceil(len(rows) / effective_batch(cfg.train, len(rows)))
-    max_steps = 0 if fraction >= 1 else max(1, round(fraction * epoch_steps))
-    print(f"delia: trial ratio {ratio:g}, {fraction:g} epoch ({max_steps or epoch_steps} steps)", flush=True)
+    task_rows = read_jsonl(task_rows_path(cfg))
+    rows = mix_with_diverse(task_rows, read_jsonl(diverse), ratio, cfg.seed)
+    n_budget = len(mix_with_diverse(task_rows, read_jsonl(diverse), max(cfg.sweep.ratios), cfg.seed)) if equal else len(rows)
+    epoch_steps = math.ceil(n_budget / effective_batch(cfg.train, n_budget))
+    max_steps = 0 if fraction >= 1 and not equal else max(1, round(fraction * epoch_steps))
+    whose = "the largest ratio's" if equal else "its"
+    print(f"delia: trial ratio {ratio:g}, {fraction:g} of {whose} epoch ({max_steps or epoch_steps} steps)", flush=True)
     model, tokenizer = _model(cfg)
     stats = train_lora(model, tokenizer, rows, cfg.train, cfg.task, folder, cfg.seed, max_steps, run_key=stage.key)
     loss = task_loss(model, tokenizer, read_jsonl(eval_path), cfg.train.max_length)
@@ -449,21 +456,23 @@ def ratio_trial(cfg: RunConfig, ratio: float, fraction: float, diverse: Path) ->
 
 def stage_sweep(cfg: RunConfig) -> Path:
     """Task loss on seen and held-out wordings for every ratio in `sweep.ratios`, one epoch each
-    (Figure 3). Writes sweep/sweep.json and sweep/loss_vs_ratio.png; returns the plot's path."""
+    (Figure 3), or at equal steps (`sweep.budget: steps`). Writes sweep/sweep[-equal-steps].json and
+    sweep/loss_vs_ratio[-equal-steps].png; returns the plot's path."""
     from .analysis.ratio import plot_sweep
 
     stage_task(cfg)
     diverse = _sweep_diverse(cfg)
     points = [ratio_trial(cfg, r, 1.0, diverse) for r in sorted(cfg.sweep.ratios)]
     folder = _run_dir(cfg) / "sweep"
-    write_json(folder / "sweep.json", [{k: v for k, v in p.items()} for p in points])
-    with atomic_path(folder / "loss_vs_ratio.png") as tmp:
-        plot_sweep(points, tmp)
+    suffix = "-equal-steps" if cfg.sweep.budget == "steps" else ""
+    write_json(folder / f"sweep{suffix}.json", points)
+    with atomic_path(folder / f"loss_vs_ratio{suffix}.png") as tmp:
+        plot_sweep(points, tmp, "equal steps" if cfg.sweep.budget == "steps" else "1 epoch each")
     print("| ratio | steps | loss (seen wordings) | loss (held-out wordings) |\n|---|---|---|---|")
     for p in points:
         print(f"| {p['ratio']:g} | {p['steps']} | {p['loss'].get('seen', {}).get('loss', float('nan')):.4f} | "
               f"{p['loss'].get('heldout', {}).get('loss', float('nan')):.4f} |")
-    return folder / "loss_vs_ratio.png"
+    return folder / f"loss_vs_ratio{suffix}.png"
 
 
 def stage_tune_ratio(cfg: RunConfig) -> dict:

@@ -63,7 +63,7 @@ def bootstrap_confidence(winner: list[float], other: list[float], samples: int =
     return wins / samples
 
 
-def plot_sweep(points: list[dict], path) -> None:
+def plot_sweep(points: list[dict], path, budget: str = "1 epoch each") -> None:
     """Task loss against the diverse ratio, one line per wording group."""
     import matplotlib
 
@@ -77,7 +77,7 @@ def plot_sweep(points: list[dict], path) -> None:
     ax.set_xscale("symlog", linthresh=1)
     ax.set_xlabel("diverse rows per task row (symlog)")
     ax.set_ylabel("task loss (mean token cross-entropy)")
-    ax.set_title("Task loss against the amount of diverse data (1 epoch each)")
+    ax.set_title(f"Task loss against the amount of diverse data ({budget})")
     ax.grid(alpha=0.3)
     ax.legend()
     fig.tight_layout()
