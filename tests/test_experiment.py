@@ -54,6 +54,7 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     deadline = time.time() + 300
     while not (first_run / "report.md").exists() and time.time() < deadline and proc.poll() is None:
         time.sleep(0.2)
+    assert proc.poll() is None, proc.communicate()[0][-3000:]  # still running: kill it mid-way
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
     assert (first_run / "report.md").exists()
@@ -72,7 +73,7 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     assert report.count("Seconds per seed") == 1 and "exp/all/seed-0/analysis/divergent.png" in report
     # the ratio-3 run of seed 0 answered only the queries the ratio-2 run had not
     sample = json.loads((experiment / "exp" / "more-diverse" / "seed-0" / "sample" / "manifest.json").read_text())
-    assert sample["outputs"]["requested"] == 24 and sample["outputs"]["resumed_from_cache"] >= 16
+    assert sample["outputs"]["rows"] == 24 and sample["outputs"]["resumed_from_cache"] >= 16
 
 
 @pytest.mark.parametrize("text,message", [

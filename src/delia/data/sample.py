@@ -44,27 +44,35 @@ def sample_diverse(
     seed: int,
     generation: GenerationConfig | None = None,
 ) -> tuple[Path, dict]:
-    """Answer the first `n` queries; write `diverse.jsonl` in query order. Returns (path, stats)."""
+    """Answer queries in order until `n` have a non-empty answer; write `diverse.jsonl` in query order.
+    Returns (path, stats)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model_cfg.name, "style": cfg.prompt_style, "max_new_tokens": cfg.max_new_tokens,
                 "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed}
     requests, queries = [], []
-    for i, conv in enumerate(conversations[:n]):
-        query, prompt = build_prompt(conv, cfg.prompt_style, f"query {i + 1}")
-        queries.append(query)
-        requests.append(Request(key=fingerprint({**settings, "prompt": prompt}), messages=prompt))
-    done, cached = generate_cached(
-        requests, out_dir / "cache.jsonl", lambda: make_generator(model_cfg, generation or GenerationConfig(), cfg.batch_size),
-        cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed, desc="sample")
+    done: dict = {}
+    cached = None
+    # an empty answer gives no row: ask the next queries until n rows are in hand (or the queries end)
+    while len([r for r in requests if done[r.key]["answer"]]) < n and len(requests) < len(conversations):
+        have = len([r for r in requests if done[r.key]["answer"]])
+        for i in range(len(requests), min(len(requests) + n - have, len(conversations))):
+            query, prompt = build_prompt(conversations[i], cfg.prompt_style, f"query {i + 1}")
+            queries.append(query)
+            requests.append(Request(key=fingerprint({**settings, "prompt": prompt}), messages=prompt))
+        done, from_cache = generate_cached(
+            requests, out_dir / "cache.jsonl",
+            lambda: make_generator(model_cfg, generation or GenerationConfig(), cfg.batch_size),
+            cfg.max_new_tokens, cfg.temperature, cfg.top_p, seed, desc="sample")
+        cached = from_cache if cached is None else cached
     rows = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": done[r.key]["answer"]}],
          "source": "diverse", "prompt_style": cfg.prompt_style}
         for q, r in zip(queries, requests)
         if done[r.key]["answer"]
-    ]
+    ][:n]
     path = out_dir / "diverse.jsonl"
     write_jsonl(path, rows)
     stats = {"rows": len(rows), "requested": len(requests), "empty_answers": len(requests) - len(rows),
              "generated_tokens": sum(done[r.key]["tokens"] for r in requests),
-             "resumed_from_cache": cached}
+             "resumed_from_cache": cached or 0}
     return path, stats
