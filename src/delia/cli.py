@@ -30,7 +30,7 @@ def _parser() -> argparse.ArgumentParser:
     verb("mix", "mix task rows with diverse rows")
     verb("train", "LoRA fine-tune one arm", arm=True)
     verb("evaluate", "evaluate one arm", arm=True)
-    verb("analyze", "token-to-meaning distances of the new token, per block, with a plot")
+    verb("analyze", "token-to-meaning distances of the new token per block, and the divergent token, with plots")
     verb("report", "write report.md and report.json")
     verb("sweep", "task loss on seen and held-out wordings for each diverse ratio in sweep.ratios (1 epoch each)")
     verb("tune-ratio", "find a good diverse ratio by successive halving on the held-out-wording loss")
