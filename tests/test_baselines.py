@@ -90,3 +90,17 @@ def test_untrained_baselines_need_the_local_backend(tiny_model_dir, tmp_path):
                              "generation.base_url=http://127.0.0.1:9/v1"])
     with pytest.raises(DeliaError, match="local backend only"):
         arm_generator(cfg, "arithmetic", 4)
+
+
+def test_dmt_without_facts_mixes(tiny_model_dir, tmp_path):
+    from delia.pipeline import stage_mix, stage_sample, stage_task
+
+    (tmp_path / "q.jsonl").write_text("".join(f'{{"instruction": "Name {n} colours.", "output": "Red."}}\n'
+                                              for n in range(20)))
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
+                             "task.eval_rows=2", "arms=[common, dmt]", f"sample.queries={tmp_path / 'q.jsonl'}",
+                             "sample.max_new_tokens=4", "mix.ratio=2", "baselines.dmt_task_fraction=0.25"])
+    stage_task(cfg)
+    stage_sample(cfg)
+    out = stage_mix(cfg)["outputs"]
+    assert out["dmt_rows"] == 16 + 2 and "facts_rows" not in out

@@ -192,6 +192,7 @@ def stage_mix(cfg: RunConfig) -> dict:
         rows = [{"messages": r["messages"], "source": "task"} for r in task_rows] + facts
         random.Random(cfg.seed).shuffle(rows)
         write_jsonl(folder / "facts.jsonl", rows)
+        outputs["facts_rows"] = len(facts)
     if "dmt" in cfg.arms:  # DMT's second stage: the diverse rows DELIA gets, and a share of the task rows
         keep = random.Random(cfg.seed).sample(task_rows, math.ceil(cfg.baselines.dmt_task_fraction * len(task_rows)))
         rows = [{"messages": r["messages"], "source": "task"} for r in keep]
@@ -200,7 +201,6 @@ def stage_mix(cfg: RunConfig) -> dict:
         random.Random(cfg.seed).shuffle(rows)
         write_jsonl(folder / "dmt.jsonl", rows)
         outputs["dmt_rows"] = len(rows)
-        outputs["facts_rows"] = len(facts)
     if "delia" in cfg.arms:
         rows = mix_with_diverse(read_jsonl(delia_task), read_jsonl(diverse), cfg.mix.ratio, cfg.seed)
         write_jsonl(folder / "delia.jsonl", rows)
