@@ -203,6 +203,7 @@ class RunConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
+NEW_TOKEN_MODES = ("trainable_tokens", "lora", "full")
 BASE_TRAINED_ARMS = ("common", "delia", "neftune", "facts")
 EQUAL_STEPS = "_equal_steps"
 """A trained arm with this suffix trains for as many optimizer steps as the delia arm took."""
@@ -259,8 +260,8 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         raise DeliaError(f"{path}: 'task.source': a translation task reads pairs (e.g. data/en-is from `delia data en-is`)")
     if "dipmt" in cfg.arms and cfg.task.kind != "translation":
         raise DeliaError(f"{path}: 'arms': dipmt is a translation baseline (task.kind is {cfg.task.kind!r})")
-    if cfg.train.new_token_mode not in ("trainable_tokens", "lora", "full"):
-        raise DeliaError(f"{path}: 'train.new_token_mode': expected trainable_tokens, lora or full, "
+    if cfg.train.new_token_mode not in NEW_TOKEN_MODES:
+        raise DeliaError(f"{path}: 'train.new_token_mode': expected {', '.join(NEW_TOKEN_MODES)}, "
                          f"got {cfg.train.new_token_mode!r}")
     if cfg.sample.prompt_style not in ("plain", "reference"):
         raise DeliaError(f"{path}: 'sample.prompt_style': expected plain or reference, got {cfg.sample.prompt_style!r}")

@@ -18,14 +18,13 @@ The report (DIR/report.md, report.json) has one row per run and arm, mean and sp
 
 from __future__ import annotations
 
-import shutil
 import statistics
 from pathlib import Path
 
 import yaml
 
 from . import DeliaError
-from .runfolder import atomic_path, write_json, write_text
+from .runfolder import write_json, write_text
 
 KEYS = {"base", "dir", "seeds", "set", "runs"}
 
@@ -78,19 +77,8 @@ def run_configs(exp: dict):
             yield run["name"], seed, load_config(exp["base"], sets)
 
 
-def _share_sample_cache(run_dir: Path, exp_dir: Path, seed: int) -> None:
-    cache = run_dir / "sample" / "cache.jsonl"
-    if cache.exists():
-        return
-    others = [p for p in exp_dir.glob(f"*/seed-{seed}/sample/cache.jsonl") if p != cache]
-    if others:
-        largest = max(others, key=lambda p: p.stat().st_size)
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache) as tmp:
-            shutil.copyfile(largest, tmp)
-
-
 def run_experiment(path: str | Path) -> Path:
+    from .data.generation_cache import seed_cache
     from .pipeline import run_all
     from .report.tables import collect
 
@@ -100,7 +88,7 @@ def run_experiment(path: str | Path) -> Path:
     configs = list(run_configs(exp))  # every config checked before the first run starts
     for i, (name, seed, cfg) in enumerate(configs, 1):
         print(f"delia: experiment run {i}/{len(configs)}: {name}, seed {seed}", flush=True)
-        _share_sample_cache(Path(cfg.run_dir), exp_dir, seed)
+        seed_cache(Path(cfg.run_dir) / "sample" / "cache.jsonl", list(exp_dir.glob(f"*/seed-{seed}/sample/cache.jsonl")))
         run_all(cfg)
         data = collect(cfg)
         results.append({"run": name, "seed": seed, "run_dir": cfg.run_dir, "arms": data["arms"],

@@ -6,13 +6,14 @@ manifest matches its settings and inputs is skipped, so `delia run` picks up whe
 
 from __future__ import annotations
 
+import json
 import math
 import random
 from pathlib import Path
 
 from . import DeliaError
 from .config import EQUAL_STEPS, TRAINED_ARMS, RunConfig, config_dict
-from .data.mix import mix_with_diverse
+from .data.mix import diverse_count, mix_with_diverse
 from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
 from .data.task import build_task
@@ -108,7 +109,7 @@ def stage_diversify(cfg: RunConfig) -> dict:
 
 
 def diverse_rows_needed(cfg: RunConfig, n_task: int) -> int:
-    return math.floor(cfg.mix.ratio * n_task + 0.5)
+    return diverse_count(cfg.mix.ratio, n_task)
 
 
 def stage_sample(cfg: RunConfig) -> dict:
@@ -223,8 +224,6 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
         delia = _run_dir(cfg) / "train" / "delia" / "manifest.json"
         if not delia.exists():
             raise DeliaError(f"train: the {arm} arm takes its step count from the delia arm; train delia first")
-        import json
-
         max_steps = json.loads(delia.read_text())["outputs"]["steps"]
     folder = _run_dir(cfg) / "train" / arm
     settings = {"train": config_dict(cfg)["train"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
@@ -243,8 +242,6 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
                        neftune_alpha=cfg.baselines.neftune_alpha if base == "neftune" else 0.0,
                        resume_adapter=_adapter(cfg, "common") if arm == "dmt" else None, run_key=stage.key)
     if arm == "dmt":  # count both stages
-        import json
-
         first = json.loads((_run_dir(cfg) / "train" / "common" / "manifest.json").read_text())["outputs"]
         stats.update(stage2_steps=stats["steps"], steps=stats["steps"] + first["steps"],
                      trained_tokens=stats["trained_tokens"] + first["trained_tokens"],
@@ -407,13 +404,11 @@ def _sweep_diverse(cfg: RunConfig) -> Path:
     import dataclasses
     import shutil
 
+    from .data.generation_cache import seed_cache
+
     sub = dataclasses.replace(cfg, run_dir=str(_run_dir(cfg) / "sweep"),
                               mix=dataclasses.replace(cfg.mix, ratio=max(cfg.sweep.ratios)))
-    main_cache, cache = _run_dir(cfg) / "sample" / "cache.jsonl", _run_dir(sub) / "sample" / "cache.jsonl"
-    if main_cache.exists() and not cache.exists():
-        cache.parent.mkdir(parents=True, exist_ok=True)
-        with atomic_path(cache) as tmp:
-            shutil.copyfile(main_cache, tmp)
+    seed_cache(_run_dir(sub) / "sample" / "cache.jsonl", [_run_dir(cfg) / "sample" / "cache.jsonl"])
     task_dir = _run_dir(sub) / ("diversify" if cfg.diversify.paraphrases > 0 else "task")
     task_dir.mkdir(parents=True, exist_ok=True)
     with atomic_path(task_dir / "train.jsonl") as tmp:  # sample sizes itself by the task rows
@@ -442,7 +437,7 @@ def ratio_trial(cfg: RunConfig, ratio: float, fraction: float, diverse: Path) ->
         return done["outputs"]
     task_rows = read_jsonl(task_rows_path(cfg))
     rows = mix_with_diverse(task_rows, read_jsonl(diverse), ratio, cfg.seed)
-    n_budget = len(mix_with_diverse(task_rows, read_jsonl(diverse), max(cfg.sweep.ratios), cfg.seed)) if equal else len(rows)
+    n_budget = len(task_rows) + diverse_count(max(cfg.sweep.ratios), len(task_rows)) if equal else len(rows)
     epoch_steps = math.ceil(n_budget / effective_batch(cfg.train, n_budget))
     max_steps = 0 if fraction >= 1 and not equal else max(1, round(fraction * epoch_steps))
     whose = "the largest ratio's" if equal else "its"
@@ -527,7 +522,7 @@ def stage_diagnose(cfg: RunConfig, arm: str = "untouched", max_task_rows: int = 
     if done := _skip(stage):
         print(buffering.render(done["outputs"]["table"]))
         return done
-    task = [r for r in read_jsonl(task_rows_path(cfg))][:max_task_rows]
+    task = read_jsonl(task_rows_path(cfg))[:max_task_rows]
     n_diverse = diverse_rows_needed(cfg, len(task))
     div = read_jsonl(diverse)[:n_diverse]
     if len(div) < n_diverse:

@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import json
 import os
+import shutil
 from pathlib import Path
 from typing import Callable, Sequence
 
@@ -31,6 +32,19 @@ def read_cache(path: Path) -> dict[str, dict]:
             row = json.loads(line)
             done[row["key"]] = row
     return done
+
+
+def seed_cache(cache: Path, sources: list[Path]) -> None:
+    """Start an absent cache from the largest existing one of `sources` (same keys, same answers), so a
+    run that shares requests with another answers none of them twice."""
+    from ..runfolder import atomic_path
+
+    found = [p for p in sources if p.exists() and p != cache]
+    if cache.exists() or not found:
+        return
+    cache.parent.mkdir(parents=True, exist_ok=True)
+    with atomic_path(cache) as tmp:
+        shutil.copyfile(max(found, key=lambda p: p.stat().st_size), tmp)
 
 
 def generate_cached(

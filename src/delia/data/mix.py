@@ -8,10 +8,15 @@ import random
 from .. import DeliaError
 
 
+def diverse_count(ratio: float, n_task: int) -> int:
+    """Diverse rows that go with `n_task` task rows at `ratio` (rounded half up)."""
+    return math.floor(ratio * n_task + 0.5)
+
+
 def mix_with_diverse(task_rows: list[dict], diverse_rows: list[dict], ratio: float, seed: int) -> list[dict]:
     """Every task row once and round(ratio * len(task_rows)) diverse rows (the first ones, in order),
     each tagged with `source`, shuffled together with `seed`."""
-    n_diverse = math.floor(ratio * len(task_rows) + 0.5)
+    n_diverse = diverse_count(ratio, len(task_rows))
     if n_diverse > len(diverse_rows):
         raise DeliaError(
             f"mix.ratio {ratio:g} needs {n_diverse} diverse rows for {len(task_rows)} task rows, "

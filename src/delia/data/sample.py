@@ -53,8 +53,7 @@ def sample_diverse(
     done: dict = {}
     cached = None
     # an empty answer gives no row: ask the next queries until n rows are in hand (or the queries end)
-    while len([r for r in requests if done[r.key]["answer"]]) < n and len(requests) < len(conversations):
-        have = len([r for r in requests if done[r.key]["answer"]])
+    while (have := sum(bool(done[r.key]["answer"]) for r in requests)) < n and len(requests) < len(conversations):
         for i in range(len(requests), min(len(requests) + n - have, len(conversations))):
             query, prompt = build_prompt(conversations[i], cfg.prompt_style, f"query {i + 1}")
             queries.append(query)

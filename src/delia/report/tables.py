@@ -9,7 +9,7 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import RunConfig, config_dict
+from ..config import EQUAL_STEPS, TRAINED_ARMS, RunConfig, config_dict
 from ..runfolder import MANIFEST, write_json, write_text
 
 LABELS = {
@@ -32,7 +32,7 @@ LABELS = {
 COMPARISONS = [
     ("One epoch each (the paper's protocol)", ["untouched", "icl", "dipmt", "init_random", "init_mean", "init_description",
                                                "arithmetic", "common", "neftune", "facts", "dmt", "delia"]),
-    ("Equal optimizer steps", ["common_equal_steps", "neftune_equal_steps", "facts_equal_steps", "delia"]),
+    ("Equal optimizer steps", [a for a in TRAINED_ARMS if a.endswith(EQUAL_STEPS)] + ["delia"]),
 ]
 
 

@@ -95,9 +95,6 @@ class _CountingCollator:
                 "loss_tokens": self.start["loss_tokens"] + sum(n for _, n in done)}
 
 
-NEW_TOKEN_MODES = ("trainable_tokens", "lora", "full")
-
-
 def lora_config(cfg: TrainConfig, embed_name: str, new_ids: list[int]):
     """How the new tokens' rows train (`train.new_token_mode`):
     `trainable_tokens`: only their rows, through peft's trainable_token_indices (small adapter);
