@@ -53,24 +53,29 @@ def test_every_baseline_arm_gets_its_row(tiny_model_dir, tmp_path):
     from delia.pipeline import run_all
 
     arms = ["untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic", "common", "neftune",
-            "facts", "dmt", "delia", "facts_equal_steps"]
+            "facts", "dmt", "delia", "facts_equal_steps", "dmt_equal_steps"]
     (tmp_path / "q.jsonl").write_text("".join(f'{{"instruction": "Name {n} colours.", "output": "Red."}}\n'
                                               for n in range(20)))
     cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
                              "task.eval_rows=2", f"arms=[{', '.join(arms)}]", "train.batch_size=4",
                              "evaluate.max_new_tokens=4", "baselines.icl_k=2", "baselines.rows_per_fact=2",
                              f"sample.queries={tmp_path / 'q.jsonl'}", "sample.max_new_tokens=4", "mix.ratio=2",
-                             "baselines.dmt_task_fraction=0.25"])
+                             "baselines.dmt_task_fraction=0.25", "baselines.arithmetic_lambdas=[0.5, 2]"])
     report = run_all(cfg).read_text()
     for label in ("Untouched model", "In-context examples", "random init (untrained)", "mean init (untrained)",
                   "description init (untrained)", "Model arithmetic", "Common instruction tuning (1 epoch)",
-                  "NEFTune", "Fact-based injection (1 epoch)", "DMT", "Fact-based injection (DELIA's steps)"):
+                  "NEFTune", "Fact-based injection (1 epoch)", "DMT", "Fact-based injection (DELIA's steps)",
+                  "DMT (both stages together DELIA's steps)", "the best format accuracy on 16 training rows"):
         assert label in report, label
     steps = {arm: json.loads((tmp_path / "train" / arm / "manifest.json").read_text())["outputs"]
-             for arm in ("common", "dmt", "delia", "facts_equal_steps")}
+             for arm in ("common", "dmt", "delia", "facts_equal_steps", "dmt_equal_steps")}
     # DMT: stage 2 on 16 diverse + 2 task rows (5 steps of 4) after common's 2 steps
     assert steps["dmt"]["stage2_steps"] == 5 and steps["dmt"]["steps"] == 5 + steps["common"]["steps"]
     assert steps["facts_equal_steps"]["steps"] == steps["delia"]["steps"] == 6
+    assert steps["dmt_equal_steps"]["stage2_steps"] == 6 - steps["common"]["steps"]
+    assert steps["dmt_equal_steps"]["steps"] == 6
+    arithmetic = json.loads((tmp_path / "eval" / "arithmetic" / "metrics.json").read_text())
+    assert set(arithmetic["arithmetic_tuning"]) == {"0.5", "2"} and arithmetic["arithmetic_lambda"] in (0.5, 2)
     assert (tmp_path / "mix" / "facts.jsonl").read_text().count('"source": "fact"') == 6  # 3 facts x 2
     weights = {arm: load_file(tmp_path / "train" / arm / "adapter" / "adapter_model.safetensors")
                for arm in ("common", "neftune", "dmt")}

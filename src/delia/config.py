@@ -156,6 +156,9 @@ class BaselinesConfig:
     """`icl` arm: training rows shown before each evaluation prompt."""
     arithmetic_lambda: float = 1.0
     """`arithmetic` arm: lambda in M_desc + lambda (M_desc - M_plain)."""
+    arithmetic_lambdas: list[float] = field(default_factory=list)
+    """`arithmetic` arm: when set, lambdas to choose from by format accuracy on 16 training rows (this arm
+    trains on nothing, so the training rows are its development set); replaces arithmetic_lambda."""
     neftune_alpha: float = 5.0
     """`neftune` arm: noise scale on the input embeddings during training (common instruction tuning + noise)."""
     facts: list[str] = field(default_factory=list)
@@ -190,7 +193,8 @@ class RunConfig:
     arms: list[str] = field(default_factory=lambda: ["untouched", "common", "delia", "common_equal_steps"])
     """Which rows the report holds: untouched, common (1 epoch), delia, common_equal_steps, and the
     baselines icl, init_random, init_mean, init_description, arithmetic, neftune, facts, dmt; common,
-    neftune and facts also as ARM_equal_steps (as many optimizer steps as delia)."""
+    neftune, facts and dmt also as ARM_equal_steps (as many optimizer steps as delia; dmt's two stages
+    together)."""
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -207,7 +211,7 @@ NEW_TOKEN_MODES = ("trainable_tokens", "lora", "full")
 BASE_TRAINED_ARMS = ("common", "delia", "neftune", "facts")
 EQUAL_STEPS = "_equal_steps"
 """A trained arm with this suffix trains for as many optimizer steps as the delia arm took."""
-TRAINED_ARMS = BASE_TRAINED_ARMS + ("dmt",) + tuple(a + EQUAL_STEPS for a in BASE_TRAINED_ARMS if a != "delia")
+TRAINED_ARMS = BASE_TRAINED_ARMS + ("dmt",) + tuple(a + EQUAL_STEPS for a in BASE_TRAINED_ARMS + ("dmt",) if a != "delia")
 UNTRAINED_ARMS = ("untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic", "dipmt")
 ARMS = UNTRAINED_ARMS + TRAINED_ARMS
 
@@ -260,6 +264,8 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         raise DeliaError(f"{path}: 'task.source': a translation task reads pairs (e.g. data/en-is from `delia data en-is`)")
     if "dipmt" in cfg.arms and cfg.task.kind != "translation":
         raise DeliaError(f"{path}: 'arms': dipmt is a translation baseline (task.kind is {cfg.task.kind!r})")
+    if cfg.baselines.arithmetic_lambdas and cfg.task.kind != "formatted":
+        raise DeliaError(f"{path}: 'baselines.arithmetic_lambdas': tuned by format accuracy, so formatted tasks only")
     if cfg.train.new_token_mode not in NEW_TOKEN_MODES:
         raise DeliaError(f"{path}: 'train.new_token_mode': expected {', '.join(NEW_TOKEN_MODES)}, "
                          f"got {cfg.train.new_token_mode!r}")

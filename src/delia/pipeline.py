@@ -164,7 +164,11 @@ def magpie_queries(cfg: RunConfig, n: int, folder: Path) -> tuple[list[list[dict
 
 
 def _needs_diverse(cfg: RunConfig) -> bool:
-    return "delia" in cfg.arms or "dmt" in cfg.arms
+    return "delia" in cfg.arms or _has_dmt(cfg)
+
+
+def _has_dmt(cfg: RunConfig) -> bool:
+    return "dmt" in cfg.arms or "dmt" + EQUAL_STEPS in cfg.arms
 
 
 def stage_mix(cfg: RunConfig) -> dict:
@@ -178,7 +182,7 @@ def stage_mix(cfg: RunConfig) -> dict:
     settings = {"ratio": cfg.mix.ratio, "seed": cfg.seed}
     if "facts" in cfg.arms:
         settings["facts"] = {k: v for k, v in config_dict(cfg)["baselines"].items() if k in ("facts", "rows_per_fact")}
-    if "dmt" in cfg.arms:
+    if _has_dmt(cfg):
         settings["dmt_task_fraction"] = cfg.baselines.dmt_task_fraction
     stage = Stage(folder, "mix", settings, inputs)
     if done := _skip(stage):
@@ -194,7 +198,7 @@ def stage_mix(cfg: RunConfig) -> dict:
         random.Random(cfg.seed).shuffle(rows)
         write_jsonl(folder / "facts.jsonl", rows)
         outputs["facts_rows"] = len(facts)
-    if "dmt" in cfg.arms:  # DMT's second stage: the diverse rows DELIA gets, and a share of the task rows
+    if _has_dmt(cfg):  # DMT's second stage: the diverse rows DELIA gets, and a share of the task rows
         keep = random.Random(cfg.seed).sample(task_rows, math.ceil(cfg.baselines.dmt_task_fraction * len(task_rows)))
         rows = [{"messages": r["messages"], "source": "task"} for r in keep]
         rows += [{"messages": r["messages"], "source": "diverse"}
@@ -225,28 +229,35 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
         if not delia.exists():
             raise DeliaError(f"train: the {arm} arm takes its step count from the delia arm; train delia first")
         max_steps = json.loads(delia.read_text())["outputs"]["steps"]
+        if base == "dmt":  # stage 2 takes what stage 1 (the common arm) left of delia's steps
+            max_steps = max(1, max_steps - _steps(cfg, "common"))
     folder = _run_dir(cfg) / "train" / arm
     settings = {"train": config_dict(cfg)["train"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
                 "max_steps": max_steps, "seed": cfg.seed}
     if base == "neftune":
         settings["neftune_alpha"] = cfg.baselines.neftune_alpha
     inputs = {"data": data}
-    if arm == "dmt":  # stage 1 is the common arm: stage 2 goes on from its adapter
+    if base == "dmt":  # stage 1 is the common arm: stage 2 goes on from its adapter
         inputs["stage1"] = _adapter(cfg, "common") / "adapter_model.safetensors"
     stage = Stage(folder, f"train:{arm}", settings, inputs)
     if done := _skip(stage):
         return done
-    print(f"delia: train {arm}" + (f" ({max_steps} steps, as delia)" if max_steps else " (1 epoch)"), flush=True)
+    budget = " (1 epoch)" if not max_steps else f" ({max_steps} steps{', stage 2' if base == 'dmt' else ''}, as delia)"
+    print(f"delia: train {arm}{budget}", flush=True)
     model, tokenizer = _model(cfg)
     stats = train_lora(model, tokenizer, read_jsonl(data), cfg.train, cfg.task, folder, cfg.seed, max_steps,
                        neftune_alpha=cfg.baselines.neftune_alpha if base == "neftune" else 0.0,
-                       resume_adapter=_adapter(cfg, "common") if arm == "dmt" else None, run_key=stage.key)
-    if arm == "dmt":  # count both stages
+                       resume_adapter=_adapter(cfg, "common") if base == "dmt" else None, run_key=stage.key)
+    if base == "dmt":  # count both stages
         first = json.loads((_run_dir(cfg) / "train" / "common" / "manifest.json").read_text())["outputs"]
         stats.update(stage2_steps=stats["steps"], steps=stats["steps"] + first["steps"],
                      trained_tokens=stats["trained_tokens"] + first["trained_tokens"],
                      seconds=round(stats["seconds"] + first["seconds"], 1))
     return stage.finish(adapter=str(folder / "adapter"), **stats)
+
+
+def _steps(cfg: RunConfig, arm: str) -> int:
+    return json.loads((_run_dir(cfg) / "train" / arm / "manifest.json").read_text())["outputs"]["steps"]
 
 
 def _adapter(cfg: RunConfig, arm: str) -> Path:
@@ -275,10 +286,10 @@ def stage_export(cfg: RunConfig, arm: str) -> Path:
     return folder / "model"
 
 
-def arm_generator(cfg: RunConfig, arm: str, batch_size: int):
+def arm_generator(cfg: RunConfig, arm: str, batch_size: int, lam: float | None = None):
     """The configured backend over an arm's model: the base model for `untouched`, else base + adapter
     (local), the merged export (vllm), or the server model named by `generation.server_model` with
-    `{arm}` filled in (openai)."""
+    `{arm}` filled in (openai). `lam` is the arithmetic arm's lambda (default: the configured one)."""
     from .model.generate import LocalGenerator, make_generator
 
     trained = arm in TRAINED_ARMS
@@ -294,6 +305,7 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int):
         return make_generator(cfg.model, cfg.generation, batch_size, served_name=name.replace("{arm}", arm))
     if cfg.generation.backend == "vllm":
         return make_generator(cfg.model, cfg.generation, batch_size, path=str(stage_export(cfg, arm)) if trained else "")
+    lam = cfg.baselines.arithmetic_lambda if lam is None else lam
     model, tokenizer = _model(cfg)
     if trained:
         from .train.sft import load_adapter
@@ -306,12 +318,12 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int):
     elif arm == "arithmetic":
         from .baselines import ArithmeticGenerator
 
-        return ArithmeticGenerator(model, tokenizer, cfg.task, cfg.baselines.arithmetic_lambda, batch_size)
+        return ArithmeticGenerator(model, tokenizer, cfg.task, lam, batch_size)
     return LocalGenerator(model, tokenizer, batch_size)
 
 
 def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
-    from .evaluate.formatted import answer_budget, evaluate_formatted
+    from .evaluate.formatted import answer_budget
     from .model.loading import load_tokenizer
 
     eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
@@ -345,16 +357,32 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
         from .baselines import dipmt_rows, load_dictionary
 
         rows = dipmt_rows(rows, read_jsonl(train_path), load_dictionary(cfg.task), cfg.baselines.dipmt_words)
-    generator = arm_generator(cfg, arm, cfg.evaluate.batch_size)
-    if cfg.task.kind == "translation":
-        from .evaluate.translation import evaluate_translation
-
-        metrics, generations = evaluate_translation(generator, rows, budget, cfg.seed)
-    else:
-        metrics, generations = evaluate_formatted(generator, rows, cfg.task, budget, cfg.seed)
+    tuning = {}
+    if arm == "arithmetic" and cfg.baselines.arithmetic_lambdas:
+        dev = random.Random(cfg.seed).sample(read_jsonl(train_path), min(16, len(read_jsonl(train_path))))
+        dev = [{**r, "group": "seen"} for r in dev]
+        for lam in cfg.baselines.arithmetic_lambdas:
+            print(f"delia: arithmetic lambda {lam:g} on {len(dev)} training rows", flush=True)
+            dev_metrics, _ = _score(cfg, arm_generator(cfg, arm, cfg.evaluate.batch_size, lam), dev, budget)
+            tuning[lam] = dev_metrics["seen"]["format_accuracy"]
+    lam = max(tuning, key=lambda k: (tuning[k], -k)) if tuning else None  # ties: the smallest lambda
+    metrics, generations = _score(cfg, arm_generator(cfg, arm, cfg.evaluate.batch_size, lam), rows, budget)
+    if tuning:
+        metrics["arithmetic_lambda"] = lam
+        metrics["arithmetic_tuning"] = {f"{k:g}": v for k, v in tuning.items()}
     write_jsonl(folder / "generations.jsonl", generations)
     write_json(folder / "metrics.json", metrics)
     return stage.finish(**metrics)
+
+
+def _score(cfg: RunConfig, generator, rows: list[dict], budget: int) -> tuple[dict, list[dict]]:
+    from .evaluate.formatted import evaluate_formatted
+
+    if cfg.task.kind == "translation":
+        from .evaluate.translation import evaluate_translation
+
+        return evaluate_translation(generator, rows, budget, cfg.seed)
+    return evaluate_formatted(generator, rows, cfg.task, budget, cfg.seed)
 
 
 def stage_analyze(cfg: RunConfig) -> dict:
@@ -566,7 +594,7 @@ def run_all(cfg: RunConfig) -> Path:
     stage_mix(cfg)
     order = [a for a in ("delia", *TRAINED_ARMS) if a in cfg.arms]
     order = list(dict.fromkeys(order))
-    if "dmt" in order and "common" not in order:
+    if any(a.removesuffix(EQUAL_STEPS) == "dmt" for a in order) and "common" not in order:
         raise DeliaError("arms: dmt needs the common arm (its first stage)")
     if any(a.endswith(EQUAL_STEPS) for a in order) and "delia" not in order:
         raise DeliaError(f"arms: the *{EQUAL_STEPS} arms need the delia arm (they match delia's optimizer steps)")

@@ -28,6 +28,7 @@ LABELS = {
     "common_equal_steps": "Common instruction tuning (DELIA's steps)",
     "neftune_equal_steps": "NEFTune (DELIA's steps)",
     "facts_equal_steps": "Fact-based injection (DELIA's steps)",
+    "dmt_equal_steps": "DMT (both stages together DELIA's steps)",
 }
 COMPARISONS = [
     ("One epoch each (the paper's protocol)", ["untouched", "icl", "dipmt", "init_random", "init_mean", "init_description",
@@ -120,6 +121,10 @@ def render(data: dict) -> str:
         lines += _distance_table(data["token_distance"], cfg) + [""]
     if data.get("divergent"):
         lines += _divergent_table(data["divergent"]) + [""]
+    if tuned := arms.get("arithmetic", {}).get("metrics", {}).get("arithmetic_tuning"):
+        tried = ", ".join(f"{k} {_pct(v)}" for k, v in tuned.items())
+        lines += [f"Model arithmetic: lambda {arms['arithmetic']['metrics']['arithmetic_lambda']:g}, the best format "
+                  f"accuracy on 16 training rows among: {tried}.", ""]
     cut = [f"{LABELS[a]} {r['metrics'].get('hit_token_limit', 0)}" for a, r in arms.items()]
     if cut:
         lines += [f"Answers cut at the token limit: {', '.join(cut)}.", ""]
