@@ -31,6 +31,7 @@ runs:
     set: ["mix.ratio=3"]
   - name: one-wording
     set: ["task.diversify=false"]
+by: mix.ratio
 """
 
 
@@ -70,6 +71,11 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
         assert f"| {run} | Untouched model |" in report and f"| {run} | DELIA (1 epoch) |" in report
     assert "±" in report  # two seeds: a mean and a spread
     assert "| one-wording | untouched (random init) |" in report and "| all | DELIA (1 epoch) |" in report
+    # pivoted on mix.ratio: ratio 2 (all, one-wording) and ratio 3 (more-diverse), one column each
+    assert "| Arm | mix.ratio = 2.0 | mix.ratio = 3.0 |" in report
+    pivot = report.split("## Format accuracy by mix.ratio (held-out wordings)")[1].split("##")[0]
+    assert [line.count("%") for line in pivot.splitlines() if line.startswith("| DELIA")] == [2]
+    assert "middle block, by mix.ratio" in report
     assert report.count("Seconds per seed") == 1 and "exp/all/seed-0/analysis/divergent.png" in report
     # the ratio-3 run of seed 0 answered only the queries the ratio-2 run had not
     sample = json.loads((experiment / "exp" / "more-diverse" / "seed-0" / "sample" / "manifest.json").read_text())
@@ -84,6 +90,7 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     ("base: b.yaml\ndir: x\nruns: [{name: a, set: mix.ratio=2}]\n", "'runs[0].set'"),
     ("base: b.yaml\ndir: x\nrun: []\n", "unknown key 'run'"),
     ("base: [b.yaml\n", "exp.yaml:2: invalid YAML"),
+    ("base: b.yaml\ndir: x\nruns: [{name: a}]\nby: task.nope\n", "'by': 'task.nope' is not a setting"),
 ])
 def test_bad_experiment_files_get_one_line(tmp_path, text, message):
     (tmp_path / "exp.yaml").write_text(text)

@@ -8,12 +8,15 @@
       - name: all
       - name: no-diverse-data
         set: ["mix.ratio=0"]
+    by: task.train_rows              # optional: tables with one column per value of this setting
 
 Each run is `delia run` with the base config, the experiment's overrides, the run's and the seed. A
 finished run is not redone (its stages are up to date); a killed experiment resumes where it stopped.
 Runs of one seed share their self-sampled answers: a run's sample cache starts from the largest one
 already written by another run of that seed, so a query is answered once whatever the ratio.
 The report (DIR/report.md, report.json) has one row per run and arm, mean and spread over the seeds.
+With `by`, it also pivots the runs on that setting: format accuracy of each arm by, say, task size (the
+shape of the paper's Table 2) and the new token's distance to its keyword by it (Table 1).
 """
 
 from __future__ import annotations
@@ -26,7 +29,7 @@ import yaml
 from . import DeliaError
 from .runfolder import write_json, write_text
 
-KEYS = {"base", "dir", "seeds", "set", "runs"}
+KEYS = {"base", "dir", "seeds", "set", "runs", "by"}
 
 
 def load_experiment(path: str | Path) -> dict:
@@ -62,8 +65,24 @@ def load_experiment(path: str | Path) -> dict:
     for where, sets in [("set", data.get("set", []))] + [(f"runs[{i}].set", r.get("set", [])) for i, r in enumerate(runs)]:
         if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
             raise DeliaError(f"{path}: '{where}': expected a list of KEY=VALUE strings")
+    by = data.get("by")
+    if by is not None:
+        from .config import RunConfig, config_dict
+
+        try:
+            setting(config_dict(RunConfig()), by)
+        except (KeyError, TypeError, AttributeError):
+            raise DeliaError(f"{path}: 'by': {by!r} is not a setting (e.g. task.train_rows)") from None
     base = (path.parent / data["base"]).resolve()
-    return {"base": str(base), "dir": data["dir"], "seeds": seeds, "set": data.get("set", []), "runs": runs}
+    return {"base": str(base), "dir": data["dir"], "seeds": seeds, "set": data.get("set", []), "runs": runs, "by": by}
+
+
+def setting(cfg: dict, key: str):
+    """`task.train_rows` looked up in a config dict; KeyError when there is no such setting."""
+    node = cfg
+    for part in key.split("."):
+        node = node[part]
+    return node
 
 
 def run_configs(exp: dict):
@@ -92,6 +111,7 @@ def run_experiment(path: str | Path) -> Path:
         run_all(cfg)
         data = collect(cfg)
         results.append({"run": name, "seed": seed, "run_dir": cfg.run_dir, "arms": data["arms"],
+                        "by": setting(data["config"], exp["by"]) if exp["by"] else None,
                         "token": cfg.task.new_tokens[0], "keyword": (cfg.task.keywords or [""])[0],
                         "token_distance": data["token_distance"], "divergent": data["divergent"],
                         "seconds": round(sum(v["seconds"] for v in data["stages"].values()), 1)})
@@ -140,6 +160,33 @@ def _analysis_tables(exp: dict, results: list[dict]) -> list[str]:
     return lines
 
 
+def _by_tables(by: str, results: list[dict]) -> list[str]:
+    """Format accuracy of each arm, and the token's middle-block distance to its keyword for each model,
+    with one column per value of the setting `by` (mean over the seeds and runs that share it)."""
+    from .analysis.token_distance import first_middle_last
+    from .report.tables import LABELS
+
+    values = list(dict.fromkeys(r["by"] for r in results))
+    head = " | ".join(f"{by} = {v}" for v in values)
+    lines = []
+    for group, title in (("heldout", "held-out wordings"), ("seen", "seen wordings")):
+        lines += ["", f"## Format accuracy by {by} ({title})", "", f"| Arm | {head} |", "|---|" + "---|" * len(values)]
+        for arm in dict.fromkeys(a for r in results for a in r["arms"]):
+            cells = [_stat([r["arms"][arm]["metrics"][group]["format_accuracy"] for r in results if r["by"] == v
+                            and arm in r["arms"] and r["arms"][arm]["metrics"].get(group)]) for v in values]
+            lines.append(f"| {LABELS.get(arm, arm)} | " + " | ".join(cells) + " |")
+    with_distance = [r for r in results if r["token_distance"]]
+    if with_distance:
+        token, kw = with_distance[0]["token"], with_distance[0]["keyword"]
+        lines += ["", f"## L2 distance of `{token}` to “{kw}”, middle block, by {by}", "",
+                  f"| Model | {head} |", "|---|" + "---|" * len(values)]
+        for model in dict.fromkeys(m for r in with_distance for m in r["token_distance"]):
+            cells = [_mean([first_middle_last(r["token_distance"][model][kw]["l2"])[1] for r in with_distance
+                            if r["by"] == v and kw in r["token_distance"].get(model, {})]) for v in values]
+            lines.append(f"| {LABELS.get(model, model)} | " + " | ".join(cells) + " |")
+    return lines
+
+
 def _stat(values: list[float]) -> str:
     if not values:
         return "-"
@@ -171,6 +218,8 @@ def render(exp: dict, results: list[dict]) -> str:
             lines.append(f"| {run['name']} | {LABELS.get(arm, arm)} | {_stat(values('seen', 'format_accuracy'))} | "
                          f"{_stat(values('heldout', 'format_accuracy'))} | {_stat(values('seen', 'label_accuracy'))} | "
                          f"{_stat(values('heldout', 'label_accuracy'))} | {', '.join(map(str, steps))} |")
+    if exp["by"]:
+        lines += _by_tables(exp["by"], results)
     lines += _analysis_tables(exp, results)
     lines += ["", "Overrides per run: " + "; ".join(f"{r['name']}: {', '.join(f'`{s}`' for s in r.get('set', [])) or 'none'}"
                                                 for r in exp["runs"]),
