@@ -10,7 +10,7 @@ def test_bad_config_one_line_exit_2(tmp_path):
     (tmp_path / "c.yaml").write_text("train:\n  lora_r: sixteen\n")
     out = _delia("task", "c.yaml", cwd=tmp_path)
     assert out.returncode == 2
-    assert out.stderr.strip().splitlines() == ["delia: error: c.yaml: 'train.lora_r': expected int, got 'sixteen'"]
+    assert out.stderr.strip().splitlines() == ["delia: error: c.yaml:2: 'train.lora_r': expected int, got 'sixteen'"]
 
 
 def test_invalid_yaml_names_the_line(tmp_path):

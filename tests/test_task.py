@@ -87,5 +87,5 @@ def test_shared_paper_data_splits(tmp_path):
 def test_missing_token_in_file_is_an_error(tmp_path):
     rows = [[{"role": "user", "content": "no token here"}, {"role": "assistant", "content": "{}"}]] * 12
     _write(tmp_path / "t.jsonl", rows)
-    with pytest.raises(DeliaError, match="lacks the new token"):
+    with pytest.raises(DeliaError, match=r"t.jsonl:1: field 'messages': no user turn holds the new token"):
         build_task(TaskConfig(source=str(tmp_path / "t.jsonl"), heldout_wording_fraction=0), seed=0)

@@ -9,8 +9,15 @@ import sys
 from . import DeliaError, __version__
 
 
+class _Parser(argparse.ArgumentParser):
+    """Bad arguments get one line (and status 2), like every other bad input."""
+
+    def error(self, message: str):
+        self.exit(2, f"delia: error: {self.prog}: {message} (see {self.prog} --help)\n")
+
+
 def _parser() -> argparse.ArgumentParser:
-    p = argparse.ArgumentParser(prog="delia", description="DELIA: diversity-enhanced instruction tuning.")
+    p = _Parser(prog="delia", description="DELIA: diversity-enhanced instruction tuning.")
     p.add_argument("--version", action="version", version=f"delia {__version__}")
     sub = p.add_subparsers(dest="verb", required=True)
 

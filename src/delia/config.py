@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import dataclasses
+import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
@@ -218,7 +219,7 @@ ARMS = UNTRAINED_ARMS + TRAINED_ARMS
 
 def _build(cls, data: Any, where: str, path: str):
     if not isinstance(data, dict):
-        raise DeliaError(f"{path}: {where or 'top level'}: expected a mapping, got {type(data).__name__}")
+        raise DeliaError(f"{path}: '{where}': expected a mapping, got {type(data).__name__}")
     hints = typing.get_type_hints(cls)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
@@ -289,13 +290,18 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise DeliaError(f"--set {text}: expected KEY=VALUE, for example train.learning_rate=1e-3")
     key, value = text.split("=", 1)
-    return key.strip().split("."), yaml.safe_load(value)
+    try:
+        return key.strip().split("."), yaml.safe_load(value)
+    except yaml.YAMLError as e:
+        raise DeliaError(f"--set {text}: the value is not valid YAML: {getattr(e, 'problem', e)}") from None
 
 
 def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or the defaults when path is None) and apply `a.b=value` overrides."""
+    """Read a YAML config (or the defaults when path is None) and apply `a.b=value` overrides. An error
+    names the file and line of the bad key (or the --set that gave it)."""
     data: dict = {}
     where = str(path) if path else "<defaults>"
+    lines: dict[str, str] = {}
     if path:
         try:
             text = Path(path).read_text(encoding="utf-8")
@@ -303,10 +309,13 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise DeliaError(f"{path}: cannot read config: {e}") from None
         try:
             data = yaml.safe_load(text) or {}
+            lines = {key: f"{path}:{line}" for key, line in _key_lines(yaml.compose(text), "", str(path))}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
             raise DeliaError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+    if not isinstance(data, dict):
+        raise DeliaError(f"{where}:1: expected a mapping of settings at the top level, got {type(data).__name__}")
     for text in overrides:
         keys, value = parse_override(text)
         node = data
@@ -315,7 +324,42 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             if not isinstance(node, dict):
                 raise DeliaError(f"--set {text}: '{k}' is not a section")
         node[keys[-1]] = value
-    return _validate(_build(RunConfig, data, "", where), where)
+        lines[".".join(keys)] = f"--set {text}:"
+    try:
+        return _validate(_build(RunConfig, data, "", where), where)
+    except DeliaError as e:
+        raise DeliaError(_locate(str(e), where, lines)) from None
+
+
+def _key_lines(node, prefix: str = "", path: str = ""):
+    """(dotted key, 1-based line) for every key of a composed YAML mapping; a key given twice in one
+    mapping is an error (YAML would keep the last one silently)."""
+    if isinstance(node, yaml.MappingNode):
+        seen: dict[str, int] = {}
+        for key, value in node.value:
+            if isinstance(key, yaml.ScalarNode):
+                dotted = f"{prefix}.{key.value}" if prefix else key.value
+                line = key.start_mark.line + 1
+                if dotted in seen:
+                    raise DeliaError(f"{path}:{line}: '{dotted}' is given twice (first on line {seen[dotted]})")
+                seen[dotted] = line
+                yield dotted, line
+                yield from _key_lines(value, dotted, path)
+
+
+def _locate(message: str, where: str, lines: dict[str, str]) -> str:
+    """Put the line of the key a config error names after the file name: `c.yaml: 'train.lora_r': ...`
+    becomes `c.yaml:3: 'train.lora_r': ...` (`--set train.lora_r=x: ...` when an override gave it)."""
+    match = re.match(rf"{re.escape(where)}: (?:unknown key )?'([^']+)'", message)
+    if not match:
+        return message
+    key = re.sub(r"\[\d+\]", "", match.group(1))
+    while key and key not in lines:
+        key = key.rpartition(".")[0]
+    if not key:
+        return message
+    at = lines[key]
+    return (f"{at} " if at.startswith("--set") else f"{at}: ") + message[len(where) + 2:]
 
 
 def config_dict(cfg: RunConfig) -> dict:

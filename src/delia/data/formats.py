@@ -30,15 +30,16 @@ def read_records(path: str | Path) -> Iterator[tuple[int, object]]:
         raise DeliaError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x})") from None
     if not text.strip():
         raise DeliaError(f"{path}:1: the file is empty")
-    if text.lstrip().startswith("["):
+    if text.lstrip().startswith("["):  # a JSON array, unless it is JSON Lines whose first line is a list
         try:
-            items = json.loads(text)
+            json.loads(text)
+            yield from _array_items(text)
+            return
         except json.JSONDecodeError as e:
-            raise DeliaError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
-        # a JSON array: report rows by their index; line numbers are not kept by json
-        for i, item in enumerate(items):
-            yield i + 1, item
-        return
+            try:
+                json.loads(text.lstrip().splitlines()[0])
+            except json.JSONDecodeError:
+                raise DeliaError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
     for n, line in enumerate(text.splitlines(), 1):
         if not line.strip():
             continue
@@ -46,6 +47,20 @@ def read_records(path: str | Path) -> Iterator[tuple[int, object]]:
             yield n, json.loads(line)
         except json.JSONDecodeError as e:
             raise DeliaError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+
+
+def _array_items(text: str) -> Iterator[tuple[int, object]]:
+    """(line where the item starts, item) for each item of a JSON array already known to parse."""
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    while True:
+        while text[i] in " \t\r\n,":
+            i += 1
+        if text[i] == "]":
+            return
+        item, end = decoder.raw_decode(text, i)
+        yield text.count("\n", 0, i) + 1, item
+        i = end
 
 
 def to_messages(obj: object, where: str, need_answer: bool = True) -> list[dict]:
@@ -98,6 +113,9 @@ def _validate(messages: list[dict], where: str, field: str, need_answer: bool) -
             raise DeliaError(f"{where}: field '{field}[{i}].role': expected one of {', '.join(ROLES)}, got {m['role']!r}")
         if not isinstance(m["content"], str):
             raise DeliaError(f"{where}: field '{field}[{i}].content': expected a string")
+        if m["role"] == "user" and not m["content"].strip():
+            raise DeliaError(f"{where}: field '{field if field == 'instruction' else f'{field}[{i}].content'}': "
+                             "the user's turn is empty")
     turns = [m for m in messages if m["role"] != "system"]
     if not turns or turns[0]["role"] != "user":
         raise DeliaError(f"{where}: field '{field}': the first turn after the system prompt must be the user's")
@@ -107,4 +125,12 @@ def _validate(messages: list[dict], where: str, field: str, need_answer: bool) -
 
 def load_conversations(path: str | Path, need_answer: bool = True) -> list[list[dict]]:
     """All conversations of a file, validated."""
-    return [to_messages(obj, f"{path}:{n}", need_answer) for n, obj in read_records(path)]
+    return [m for _, m in load_numbered(path, need_answer)]
+
+
+def load_numbered(path: str | Path, need_answer: bool = True) -> list[tuple[int, list[dict]]]:
+    """(line, conversation) for every row of a file, validated; a file without rows is an error."""
+    rows = [(n, to_messages(obj, f"{path}:{n}", need_answer)) for n, obj in read_records(path)]
+    if not rows:
+        raise DeliaError(f"{path}:1: no rows")
+    return rows

@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import DeliaError
 from ..config import TaskConfig
 from . import demo_task
-from .formats import load_conversations
+from .formats import load_numbered
 
 
 def wording_of(messages: list[dict]) -> str:
@@ -48,7 +48,7 @@ def build_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
         train, seen, heldout = _split_file(cfg, seed)
     for token in cfg.new_tokens:
         for row in train:
-            if not any(token in m["content"] for m in row["messages"] if m["role"] == "user"):
+            if not _has_token(row["messages"], token):
                 raise DeliaError(f"{cfg.source}: a training row lacks the new token {token!r}: {row['wording'][:80]!r}")
     if not cfg.diversify:
         fixed = train[0]["wording"]
@@ -57,9 +57,19 @@ def build_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
     return train, evals
 
 
+def _has_token(messages: list[dict], token: str) -> bool:
+    return any(token in m["content"] for m in messages if m["role"] == "user")
+
+
 def _split_file(cfg: TaskConfig, seed: int):
     path = Path(cfg.source)
-    rows = [{"messages": m, "wording": wording_of(m)} for m in load_conversations(path)]
+    numbered = load_numbered(path)
+    for token in cfg.new_tokens:  # every instruction of the task should hold its new tokens
+        for line, messages in numbered:
+            if not _has_token(messages, token):
+                raise DeliaError(f"{path}:{line}: field 'messages': no user turn holds the new token {token!r} "
+                                 f"(task.new_tokens); add it to the instruction or change task.new_tokens")
+    rows = [{"messages": m, "wording": wording_of(m)} for _, m in numbered]
     by_wording: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_wording[row["wording"]].append(row)

@@ -1,0 +1,211 @@
+"""Bad input, generated (hypothesis): malformed task files, query files, configs and arguments. Each gets
+one line that names the file and the line (and the field, where there is one), exit status 2, no
+traceback, and nothing written."""
+
+import contextlib
+import io
+import json
+import tempfile
+from pathlib import Path
+
+import pytest
+from hypothesis import HealthCheck, given, settings
+from hypothesis import strategies as st
+
+from delia.cli import main
+
+USER = "Q: what colour is an apple? A: purple. Check it and reply in the <sep> format."
+ANSWER = '{"thought": "Apples are red or green.", "hallucination": "yes"}'
+SETTINGS = settings(max_examples=30, deadline=None, suppress_health_check=list(HealthCheck))
+
+
+def _row(shape: str, i: int) -> dict:
+    user = f"{USER} ({i})"
+    if shape == "alpaca":
+        return {"instruction": user, "output": ANSWER}
+    if shape == "sharegpt":
+        return {"conversations": [{"from": "human", "value": user}, {"from": "gpt", "value": ANSWER}]}
+    return {"messages": [{"role": "user", "content": user}, {"role": "assistant", "content": ANSWER}]}
+
+
+def _break(row: dict, kind: str, junk) -> tuple[object, str]:
+    """(a broken copy of a valid row, the words the error must hold)."""
+    key = next(iter(row))
+    if kind == "wrong type":
+        if key == "instruction":
+            return {**row, "instruction": junk}, "field 'instruction': expected a string"
+        return {key: [row[key][0], junk]}, f"field '{key}[1]'"
+    if kind == "wrong field type":
+        return {key: junk if not isinstance(junk, list) else "text"}, f"field '{key}'"
+    if kind == "missing role":
+        if key == "messages":
+            return {"messages": [{"content": USER}, row["messages"][1]]}, "field 'messages[0].role'"
+        if key == "conversations":
+            return {"conversations": [{"value": USER}, row[key][1]]}, "field 'conversations[0].from'"
+        return {"output": ANSWER}, "no 'messages', 'conversations' or 'instruction' field"
+    if kind == "assistant first":
+        if key == "messages":
+            return {"messages": [row[key][1], row[key][0]]}, "the first turn after the system prompt must be the user's"
+        if key == "conversations":
+            return {key: [row[key][1], row[key][0]]}, "the first turn after the system prompt must be the user's"
+        return {"instruction": " ", "output": ANSWER}, "field 'instruction': the user's turn is empty"
+    if kind == "no answer":
+        return ({key: row[key][:1]} if key != "instruction" else {"instruction": row["instruction"]},
+                "the last turn must be the assistant's answer")
+    if kind == "not an object":
+        return junk if not isinstance(junk, list) else "text", "expected a JSON object"
+    if kind == "no token":
+        return json.loads(json.dumps(row).replace("<sep>", "<pes>")), "holds the new token '<sep>'"
+    raise AssertionError(kind)
+
+
+ROW_KINDS = ["wrong type", "wrong field type", "missing role", "assistant first", "no answer", "not an object",
+             "no token", "truncated", "not UTF-8", "huge broken line"]
+JUNK = st.one_of(st.integers(), st.none(), st.booleans(), st.floats(allow_nan=False), st.lists(st.integers(), max_size=2))
+
+
+@st.composite
+def malformed_files(draw, kinds=tuple(ROW_KINDS)):
+    """(file bytes, suffix, line of the fault, words the error must hold)."""
+    whole = draw(st.sampled_from(["rows", "rows", "rows", "rows", "empty", "no rows"]))
+    if whole == "empty":
+        return draw(st.sampled_from([b"", b"\n\n", b"   \n"])), ".jsonl", 1, "the file is empty"
+    if whole == "no rows":
+        return b"[]\n", ".json", 1, "no rows"
+    shape = draw(st.sampled_from(["messages", "alpaca", "sharegpt"]))
+    rows = [_row(shape, i) for i in range(draw(st.integers(1, 5)))]
+    bad = draw(st.integers(0, len(rows) - 1))
+    kind = draw(st.sampled_from(kinds))
+    array = kind not in ("truncated", "huge broken line") and draw(st.booleans())
+    lines = [json.dumps(r) for r in rows]
+    if kind == "truncated":
+        lines[bad] = lines[bad][: draw(st.integers(1, len(lines[bad]) - 1))]
+        words = "invalid JSON"
+    elif kind == "huge broken line":
+        lines[bad] = '{"messages": "' + "x" * draw(st.integers(100_000, 2_000_000))
+        words = "invalid JSON"
+    elif kind != "not UTF-8":
+        broken, words = _break(rows[bad], kind, draw(JUNK))
+        lines[bad] = json.dumps(broken)
+    data = [line.encode() for line in lines]
+    if kind == "not UTF-8":
+        at = draw(st.integers(0, len(data[bad])))
+        data[bad] = data[bad][:at] + draw(st.sampled_from([b"\xff", b"\xc3\x28", b"\x80", b"\xfe\xfe"])) + data[bad][at:]
+        words = "not UTF-8"
+    if array:  # one item a line after the opening bracket: item i is on line i + 2
+        return b"[\n" + b",\n".join(data) + b"\n]\n", ".json", bad + 2, words
+    return b"\n".join(data) + b"\n", ".jsonl", bad + 1, words
+
+
+def _delia(*args: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    return code, err.getvalue()
+
+
+def _check(code: int, err: str, path: Path, line: int, words: str, run: Path, written_before: set):
+    assert code == 2, err
+    assert "Traceback" not in err and err.count("\n") == 1, err
+    assert err.startswith(f"delia: error: {path}:{line}: "), err
+    assert words in err, err
+    written = {p for p in run.rglob("*") if p.is_file()} if run.exists() else set()
+    assert written == written_before, written - written_before  # no output, no temp file left
+
+
+@SETTINGS
+@given(malformed_files())
+def test_malformed_task_files(case):
+    data, suffix, line, words = case
+    with tempfile.TemporaryDirectory() as tmp:
+        path, run = Path(tmp) / f"task{suffix}", Path(tmp) / "run"
+        path.write_bytes(data)
+        (Path(tmp) / "c.yaml").write_text(f"run_dir: {run}\ntask:\n  source: {path}\n")
+        code, err = _delia("task", str(Path(tmp) / "c.yaml"))
+        _check(code, err, path, line, words, run, set())
+
+
+@pytest.fixture(scope="module")
+def task_run(tmp_path_factory):
+    run = tmp_path_factory.mktemp("run")
+    (run / "c.yaml").write_text(f"run_dir: {run}\ntask:\n  train_rows: 4\n")
+    assert _delia("task", str(run / "c.yaml"))[0] == 0
+    return run
+
+
+@SETTINGS
+@given(case=malformed_files(kinds=tuple(k for k in ROW_KINDS if k not in ("no answer", "no token"))))
+def test_malformed_query_files(task_run, case):
+    """Diverse data (the queries `sample` answers); an answer is optional there, the new token unused."""
+    data, suffix, line, words = case
+    before = {p for p in task_run.rglob("*") if p.is_file()}
+    with tempfile.TemporaryDirectory() as tmp:
+        path = Path(tmp) / f"queries{suffix}"
+        path.write_bytes(data)
+        code, err = _delia("sample", str(task_run / "c.yaml"), "--set", f"sample.queries={path}")
+        _check(code, err, path, line, words, task_run, before)
+
+
+SECTIONS = {None: ["run_dir: {run}", "seed: 0"], "task": ["train_rows: 8", "kind: formatted"],
+            "train": ["batch_size: 8", "epochs: 1"], "evaluate": ["batch_size: 4"]}
+CONFIG_FAULTS = [("train", "lora_r: sixteen", "'train.lora_r': expected int"),
+                 ("train", "lora_rank: 8", "unknown key 'train.lora_rank'"),
+                 ("train", "learning_rate: [1, 2]", "'train.learning_rate': expected float"),
+                 ("train", "token_init: zero", "'train.token_init'"),
+                 ("train", "epochs: 2", "'train.epochs' is given twice (first on line"),
+                 ("evaluate", "max_new_tokens: {a: 1}", "'evaluate.max_new_tokens': expected int"),
+                 ("task", "eval_rows: many", "'task.eval_rows': expected int"),
+                 (None, "arms: [untouched, best]", "unknown arm 'best'"),
+                 (None, "seed: 0: 1", "invalid YAML"), (None, "bogus: 1", "unknown key 'bogus'"),
+                 (None, "sample: 3", "'sample': expected a mapping")]
+
+
+@SETTINGS
+@given(st.sampled_from(CONFIG_FAULTS), st.integers(0, 10), st.booleans())
+def test_malformed_configs(fault, where, as_set):
+    """A bad line put anywhere in its section of a valid config, or given as --set instead."""
+    section, text, words = fault
+    with tempfile.TemporaryDirectory() as tmp:
+        path, run = Path(tmp) / "c.yaml", Path(tmp) / "run"
+        body = {k: [line.format(run=run) for line in v] for k, v in SECTIONS.items()}
+        if as_set and "invalid YAML" not in words and "twice" not in words:
+            key, value = text.split(":", 1)
+            override = f"{section}.{key}={value.strip()}" if section else f"{key}={value.strip()}"
+            path.write_text(_yaml(body))
+            code, err = _delia("task", str(path), "--set", override)
+            assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+            assert err.startswith(f"delia: error: --set {override}: ") and words in err, err
+        else:
+            body[section].insert(where % (len(body[section]) + 1), text)
+            path.write_text(_yaml(body))
+            lines = _yaml(body).splitlines()
+            line = 1 + lines.index(("  " if section else "") + text)
+            if "twice" in words:  # the later of the two
+                line = max(line, 1 + lines.index("  epochs: 1"))
+            code, err = _delia("task", str(path))
+            assert code == 2 and err.count("\n") == 1 and "Traceback" not in err, err
+            assert err.startswith(f"delia: error: {path}:{line}: ") and words in err, err
+        assert not run.exists()
+
+
+def _yaml(body: dict) -> str:
+    lines = list(body[None])
+    for name, keys in body.items():
+        if name:
+            lines += [f"{name}:"] + [f"  {k}" for k in keys]
+    return "\n".join(lines) + "\n"
+
+
+@settings(max_examples=20, deadline=None)
+@given(st.lists(st.sampled_from(["run", "train", "--arm", "--set", "x=[1", "--port", "nine", "serve", "data", "zz",
+                                 "experiment", "--bogus", "tune-ratio", "-"]), min_size=0, max_size=4))
+def test_malformed_arguments(args):
+    """Whatever the arguments (no config named here exists), the error is one line and status 2, never a
+    usage dump or a traceback."""
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        try:
+            code = main(args)
+        except SystemExit as e:
+            code = e.code
+    assert code == 2 and err.getvalue().count("\n") == 1 and err.getvalue().startswith("delia: error: "), (args, err.getvalue())
