@@ -1,7 +1,7 @@
 """Generation with an append-only cache: one JSON line per answer, keyed by the request.
 
-Answers are appended and synced after every batch, so a killed run resumes without losing or
-duplicating rows; `sample` and `diversify` both generate through here.
+Answers are appended and synced after every batch, one write a batch, so a killed run resumes without
+losing or duplicating rows and with the same batches; `sample` and `diversify` both generate through here.
 """
 
 from __future__ import annotations
@@ -64,14 +64,19 @@ def generate_cached(
     if pending:
         generator = make_generator()
         bar = tqdm(total=len(requests), initial=len(requests) - len(pending), desc=desc, unit="row")
-        with open(cache_path, "a", encoding="utf-8") as cache:
+        fd = os.open(cache_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
+        try:
             for batch in generator.batches(pending, max_new_tokens, temperature, top_p, seed):
-                for request, text, n_tokens in batch:
-                    row = {"key": request.key, "answer": text, "tokens": n_tokens}
-                    cache.write(json.dumps(row, ensure_ascii=False) + "\n")
-                    done[request.key] = row
-                cache.flush()
-                os.fsync(cache.fileno())
+                rows = [{"key": request.key, "answer": text, "tokens": n_tokens} for request, text, n_tokens in batch]
+                # one write a batch: a kill keeps the whole batch or none of it, so a resumed run batches
+                # the remaining requests as the uninterrupted run did and samples the same answers
+                data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
+                while data:
+                    data = data[os.write(fd, data):]
+                os.fsync(fd)
+                done.update((row["key"], row) for row in rows)
                 bar.update(len(batch))
+        finally:
+            os.close(fd)
         bar.close()
     return done, len(requests) - len(pending)
