@@ -12,7 +12,7 @@ import random
 from pathlib import Path
 
 from . import DeliaError
-from .config import EQUAL_STEPS, TRAINED_ARMS, RunConfig, config_dict
+from .config import ARMS, EQUAL_STEPS, TRAINED_ARMS, RunConfig, config_dict
 from .data.mix import diverse_count, mix_with_diverse
 from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
@@ -217,8 +217,7 @@ def stage_mix(cfg: RunConfig) -> dict:
 def stage_train(cfg: RunConfig, arm: str) -> dict:
     from .train.sft import train_lora
 
-    if arm not in TRAINED_ARMS:
-        raise DeliaError(f"train: unknown arm '{arm}' (trained arms: {', '.join(TRAINED_ARMS)})")
+    _check_arm("train", arm, TRAINED_ARMS)
     base = arm.removesuffix(EQUAL_STEPS)
     data = _run_dir(cfg) / "mix" / DATA.get(base, "common.jsonl")
     if not data.exists():
@@ -256,6 +255,12 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     return stage.finish(adapter=str(folder / "adapter"), **stats)
 
 
+def _check_arm(verb: str, arm: str, known: tuple[str, ...]) -> None:
+    """Arms name folders of the run: only the known names, so none reaches outside it."""
+    if arm not in known:
+        raise DeliaError(f"{verb}: unknown arm {arm!r} (known: {', '.join(known)})")
+
+
 def _steps(cfg: RunConfig, arm: str) -> int:
     return json.loads((_run_dir(cfg) / "train" / arm / "manifest.json").read_text())["outputs"]["steps"]
 
@@ -273,6 +278,7 @@ def stage_export(cfg: RunConfig, arm: str) -> Path:
     from .runfolder import atomic_dir
     from .train.sft import load_adapter
 
+    _check_arm("export", arm, TRAINED_ARMS)
     adapter = _adapter(cfg, arm)
     folder = _run_dir(cfg) / "export" / arm
     stage = Stage(folder, f"export:{arm}", {"model": cfg.model.name, "dtype": cfg.model.dtype},
@@ -326,6 +332,7 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     from .evaluate.formatted import answer_budget
     from .model.loading import load_tokenizer
 
+    _check_arm("evaluate", arm, ARMS)
     eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
     train_path = _run_dir(cfg) / "task" / "train.jsonl"
     inputs = {"eval": eval_path, "task": train_path}
@@ -539,6 +546,7 @@ def stage_diagnose(cfg: RunConfig, arm: str = "untouched", max_task_rows: int = 
     from .analysis import buffering
     from .model.tokens import add_new_tokens
 
+    _check_arm("diagnose", arm, ("untouched", *TRAINED_ARMS))
     diverse = _run_dir(cfg) / "sample" / "diverse.jsonl"
     eval_path = _run_dir(cfg) / "task" / "eval.jsonl"
     inputs = {"task": task_rows_path(cfg), "diverse": diverse, "eval": eval_path}
