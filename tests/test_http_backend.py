@@ -83,3 +83,46 @@ def test_wrong_key_is_refused_without_retries(server, monkeypatch):
     client = OpenAIGenerator(url, "tiny", max_retries=5, api_key_env="K", backoff=0.01)
     with pytest.raises(DeliaError, match="HTTP 401"):
         _collect(client, REQUESTS[:1])
+
+
+def test_sample_gives_up_in_one_line_and_keeps_the_finished_rows(server, tiny_model_dir, tmp_path, capfd):
+    """The server starts failing every request mid-way: the stage stops with one line, the answers it had
+    stay in the cache, and the rerun (server healthy again) asks only for the rest and ends with the
+    rows an uninterrupted run gives."""
+    import time
+
+    from delia.config import load_config
+    from delia.pipeline import stage_sample, stage_task
+
+    srv, url = server(slow_seconds=0.0)
+
+    def config(run):
+        return load_config(None, [f"run_dir={tmp_path / run}", f"model.name={tiny_model_dir}", "task.train_rows=4",
+                                  "task.eval_rows=1", "mix.ratio=3", "sample.max_new_tokens=4", "sample.batch_size=2",
+                                  "generation.backend=openai", f"generation.base_url={url}",
+                                  "generation.server_model=tiny", "generation.max_retries=2", "generation.timeout=5",
+                                  "generation.concurrency=1"])
+
+    whole = config("whole")
+    stage_task(whole)
+    stage_sample(whole)
+    cut = config("cut")
+    stage_task(cut)
+    start = srv.served
+
+    def break_after_four():
+        while srv.served < start + 4:
+            time.sleep(0.005)
+        srv.faults = 1.0
+
+    threading.Thread(target=break_after_four, daemon=True).start()
+    with pytest.raises(DeliaError, match="gave up after 2 retries") as e:
+        stage_sample(cut)
+    assert "\n" not in str(e.value)
+    kept = len((tmp_path / "cut" / "sample" / "cache.jsonl").read_text().splitlines())
+    assert 4 <= kept < 12  # every answer that arrived (each request has its own seed, so part of a batch is fine)
+    srv.faults = 0.0
+    out = stage_sample(cut)["outputs"]
+    assert out["resumed_from_cache"] == kept
+    assert (tmp_path / "cut" / "sample" / "diverse.jsonl").read_text() == \
+        (tmp_path / "whole" / "sample" / "diverse.jsonl").read_text()
