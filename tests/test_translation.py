@@ -88,3 +88,81 @@ def test_translation_run_has_table_3(corpus, tiny_model_dir, tmp_path):
     hinted = [json.loads(line) for line in open(tmp_path / "run" / "eval" / "dipmt" / "generations.jsonl")]
     assert any(g["hints"] for g in hinted)  # "file", "layer", "window"... are in the inverted dictionary
     assert not (tmp_path / "run" / "analysis").exists()  # no new token: nothing to analyse
+
+
+def test_language_keyed_file_serves_both_parts(tmp_path):
+    """One JSONL with language codes as keys: evaluation pairs held out of training, either direction."""
+    path = tmp_path / "de-en.jsonl"
+    path.write_text("".join(json.dumps({"de": f"Satz {i}", "en": f"Sentence {i}"}) + "\n" for i in range(12)))
+    train, seen, heldout = build_translation_task(str(path), "de-en", 100, 2, seed=0)
+    assert len(train) == 8 and len(seen) == len(heldout) == 2
+    sources = lambda rows: {r["messages"][0]["content"].split("\n\n")[0] for r in rows}  # noqa: E731
+    assert not sources(train) & sources(seen + heldout) and all(s.startswith("Satz") for s in sources(train))
+    assert "German" in train[0]["wording"] and "English" in train[0]["wording"]
+    train, _, _ = build_translation_task(str(path), "en-de", 100, 2, seed=0)
+    assert all(r["messages"][1]["content"].startswith("Satz") for r in train)
+
+
+def test_hugging_face_dataset_through_load_dataset(tmp_path):
+    """`hf:NAME` goes through datasets.load_dataset (here a local folder, as a Hub name would): the
+    translation column or one column per language, the test split, or validation when there is none."""
+    folder = tmp_path / "wmt-like"
+    folder.mkdir()
+    for split, n in (("train", 10), ("validation", 4)):
+        (folder / f"{split}.jsonl").write_text("".join(
+            json.dumps({"translation": {"is": f"Setning {split} {i}", "en": f"Sentence {split} {i}"}}) + "\n"
+            for i in range(n)))
+    train, seen, heldout = build_translation_task(f"hf:{folder}", "is-en", 6, 2, seed=0)
+    assert len(train) == 6 and all(r["messages"][0]["content"].startswith("Setning train") for r in train)
+    assert all(r["messages"][1]["content"].startswith("Sentence validation") for r in seen + heldout)
+    flat = tmp_path / "flat"
+    flat.mkdir()
+    (flat / "train.jsonl").write_text("".join(json.dumps({"en": f"a {i}", "is": f"b {i}"}) + "\n" for i in range(6)))
+    with pytest.raises(DeliaError, match=r"hf:.*flat: no test or validation split \(has train\)"):
+        build_translation_task(f"hf:{flat}", "en-is", 4, 1, seed=0)
+    train, seen, _ = build_translation_task(f"hf:{flat}", "en-is", 4, 1, seed=0, eval_source=f"hf:{folder}")
+    assert train[0]["messages"][1]["content"].startswith("b ") and seen[0]["messages"][0]["content"].startswith("Sentence")
+    with pytest.raises(DeliaError, match=r"hf:.*flat: expected a 'translation' column or columns 'de' and 'en'"):
+        build_translation_task(f"hf:{flat}", "de-en", 4, 1, seed=0, eval_source=f"hf:{folder}")
+
+
+WMT21_XML = """<?xml version="1.0" encoding="utf-8"?>
+<dataset id="newstest2021"><collection id="general">
+<doc id="news.1" origlang="en"><src lang="en"><p>{src}</p></src><ref lang="is" translator="A"><p>{ref}</p></ref></doc>
+</collection></dataset>
+"""
+
+
+def _sacrebleu_task(sacrebleu_dir, direction, eval_rows):
+    import subprocess
+    import sys
+
+    code = (f"from delia.data.translation import build_translation_task as b; import json; "
+            f"r = b({str(sacrebleu_dir / 'train.jsonl')!r}, {direction!r}, 4, {eval_rows}, 0, 'sacrebleu:wmt21'); "
+            f"print(json.dumps([[x['messages'][0]['content'], x['messages'][1]['content']] for x in r[1] + r[2]]))")
+    return subprocess.run([sys.executable, "-c", code], capture_output=True, text=True,
+                          env={**__import__("os").environ, "SACREBLEU": str(sacrebleu_dir)})
+
+
+def test_sacrebleu_test_set_as_evaluation_pairs(tmp_path):
+    """`sacrebleu:wmt21` read by sacrebleu itself from its cache folder ($SACREBLEU): here the WMT21 XML is
+    written in place of the download this machine cannot make; elsewhere sacrebleu fetches it."""
+    raw = tmp_path / "wmt21" / "raw"
+    (raw / "test").mkdir(parents=True)
+    (raw / "wmt21.test.tgz").write_bytes(b"downloaded")  # sacrebleu's mark that the tarball is here
+    segs = lambda words: "".join(f'<seg id="{i}">{w} {i}.</seg>' for i, w in enumerate(words, 1))  # noqa: E731
+    (raw / "test" / "newstest2021.en-is.xml").write_text(WMT21_XML.format(src=segs(["Hello"] * 4), ref=segs(["Halló"] * 4)))
+    (tmp_path / "train.jsonl").write_text("".join(json.dumps({"source": f"s {i}", "target": f"t {i}"}) + "\n" for i in range(6)))
+    out = _sacrebleu_task(tmp_path, "en-is", 2)
+    assert out.returncode == 0, out.stderr[-2000:]
+    rows = json.loads(out.stdout)
+    assert [r[1] for r in rows] == ["Halló 1.", "Halló 2.", "Halló 3.", "Halló 4."]
+    assert rows[0][0].startswith("Hello 1.\n\n")
+    fresh = tmp_path / "empty"  # nothing cached: sacrebleu downloads it, or (offline) the error is one line
+    fresh.mkdir()
+    (fresh / "train.jsonl").write_text((tmp_path / "train.jsonl").read_text())
+    out = _sacrebleu_task(fresh, "is-en", 1)
+    if out.returncode == 0:
+        assert len(json.loads(out.stdout)) == 2
+    else:
+        assert "delia.DeliaError: sacrebleu:wmt21: cannot download the is-en test set" in out.stderr.splitlines()[-1]

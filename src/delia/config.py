@@ -53,13 +53,17 @@ class TaskConfig:
     kind: str = "formatted"
     """`formatted` (answers are objects with required keys) or `translation` (scored with chrF++ and BLEU)."""
     direction: str = "en-is"
-    """For `translation`: en-is or is-en."""
+    """For `translation`: two language codes, source first (en-is, is-en, de-en, ...)."""
     dictionary: str = ""
     """For the `dipmt` arm: a {source-language word: [translations]} JSON (default: SOURCE/dictionary.json,
     Icelandic -> English, inverted for en-is)."""
     source: str = "demo"
     """`demo` (the built-in hallucination-check task) or a file: messages JSONL, alpaca or sharegpt JSON/JSONL;
-    for `translation`, a folder from `delia data en-is` or a JSONL (source, target) / TSV file."""
+    for `translation`, a folder from `delia data en-is`, a JSONL (source, target) / TSV file,
+    `hf:NAME[:CONFIG]` (a Hugging Face dataset) or `sacrebleu:TESTSET`."""
+    eval_source: str = ""
+    """For `translation`: where the evaluation pairs come from, in the same forms (e.g. sacrebleu:wmt21);
+    empty = the source's test part (for a single file, 2 x eval_rows of its pairs held out)."""
     train_rows: int = 48
     """Training rows: for `demo`, how many to generate; for a file, at most this many (0 = all not held out)."""
     eval_rows: int = 24

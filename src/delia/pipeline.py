@@ -43,13 +43,15 @@ def _model(cfg: RunConfig):
 
 def stage_task(cfg: RunConfig) -> dict:
     folder = _run_dir(cfg) / "task"
-    source = Path(cfg.task.source)
-    if cfg.task.source == "demo":
-        inputs = {}
-    elif source.is_dir():  # a corpus folder (delia data en-is)
-        inputs = {p.stem: p for p in sorted(source.glob("*.jsonl")) if p.stem in ("train", "test")}
-    else:
-        inputs = {"source": source}
+    inputs = {}
+    for key, spec in (("source", cfg.task.source), ("eval_source", cfg.task.eval_source)):
+        path = Path(spec)
+        if spec in ("", "demo") or spec.startswith(("hf:", "sacrebleu:")):
+            continue  # generated, or named by the settings
+        if path.is_dir():  # a corpus folder (delia data en-is)
+            inputs.update({f"{key}:{p.stem}": p for p in sorted(path.glob("*.jsonl")) if p.stem in ("train", "test")})
+        else:
+            inputs[key] = path
     stage = Stage(folder, "task", {"task": config_dict(cfg)["task"], "seed": cfg.seed}, inputs)
     if done := _skip(stage):
         return done

@@ -37,7 +37,8 @@ def build_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
     if cfg.kind == "translation":
         from .translation import build_translation_task
 
-        train, seen, heldout = build_translation_task(cfg.source, cfg.direction, cfg.train_rows, cfg.eval_rows, seed)
+        train, seen, heldout = build_translation_task(cfg.source, cfg.direction, cfg.train_rows, cfg.eval_rows, seed,
+                                                      cfg.eval_source)
     elif cfg.source == "demo":
         train = demo_task.make_rows(cfg.train_rows, demo_task.TRAIN_WORDINGS, seed)
         used = {r["question"] for r in train}
