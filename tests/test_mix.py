@@ -34,3 +34,25 @@ def test_seed_reproducible_and_shuffled():
 def test_too_few_diverse_rows_is_a_clear_error():
     with pytest.raises(DeliaError, match="needs 30 diverse rows"):
         mix_with_diverse(_rows(10, "t"), _rows(5, "d"), 3, seed=0)
+
+
+def test_streamed_mix_equals_the_in_memory_mix(tmp_path):
+    """mix_files (byte offsets, lines copied) gives mix_with_diverse's rows in its order; blank lines and
+    rows past the ratio are skipped; too few rows is the same clear error."""
+    import json
+
+    from delia.data.mix import mix_files
+
+    task, diverse = _rows(10, "t"), [{**r, "source": "diverse", "prompt_style": "plain"} for r in _rows(40, "dé")]
+    path = tmp_path / "diverse.jsonl"
+    lines = [json.dumps(r, ensure_ascii=False) for r in diverse]
+    path.write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n", encoding="utf-8")
+    for ratio, seed in ((3, 7), (2.5, 1), (0, 3)):
+        n = mix_files(task, path, ratio, seed, tmp_path / "mix.jsonl")
+        streamed = [json.loads(line) for line in (tmp_path / "mix.jsonl").read_text(encoding="utf-8").splitlines()]
+        expected = mix_with_diverse(task, diverse, ratio, seed)
+        assert n == round(ratio * 10) and len(streamed) == len(expected)
+        assert [(r["messages"], r["source"]) for r in streamed] == [(r["messages"], r["source"]) for r in expected]
+    with pytest.raises(DeliaError, match="needs 50 diverse rows"):
+        mix_files(task, path, 5, 0, tmp_path / "mix2.jsonl")
+    assert not (tmp_path / "mix2.jsonl").exists()

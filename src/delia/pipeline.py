@@ -13,7 +13,7 @@ from pathlib import Path
 
 from . import DeliaError
 from .config import ARMS, EQUAL_STEPS, TRAINED_ARMS, RunConfig, config_dict
-from .data.mix import diverse_count, mix_with_diverse
+from .data.mix import diverse_count, mix_files, mix_with_diverse
 from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
 from .data.task import build_task
@@ -209,10 +209,9 @@ def stage_mix(cfg: RunConfig) -> dict:
         write_jsonl(folder / "dmt.jsonl", rows)
         outputs["dmt_rows"] = len(rows)
     if "delia" in cfg.arms:
-        rows = mix_with_diverse(read_jsonl(delia_task), read_jsonl(diverse), cfg.mix.ratio, cfg.seed)
-        write_jsonl(folder / "delia.jsonl", rows)
-        outputs["delia_rows"] = len(rows)
-        outputs["delia_diverse_rows"] = sum(r["source"] == "diverse" for r in rows)
+        rows = read_jsonl(delia_task)
+        n_diverse = mix_files(rows, diverse, cfg.mix.ratio, cfg.seed, folder / "delia.jsonl")
+        outputs.update(delia_rows=len(rows) + n_diverse, delia_diverse_rows=n_diverse)
     return stage.finish(**outputs)
 
 
