@@ -84,8 +84,10 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
 
 @pytest.mark.parametrize("text,message", [
     ("base: b.yaml\nruns: []\ndir: x\n", "'runs': expected a non-empty list"),
-    ("base: b.yaml\ndir: x\nruns: [{name: a}, {name: a}]\n", "'runs[1].name'"),
+    ("base: b.yaml\ndir: x\nruns: [{name: a}, {name: a}]\n", "exp.yaml:3: 'runs[1].name'"),
+    ("base: b.yaml\ndir: x\nruns:\n  - name: a\n  - name: b\n    set: mix.ratio=2\n", "exp.yaml:6: 'runs[1].set'"),
     ("base: b.yaml\ndir: x\nruns: [{name: ../up}]\n", "'runs[0].name'"),
+    ("base: b.yaml\ndir: x\nbase: c.yaml\nruns: [{name: a}]\n", "exp.yaml:3: 'base' is given twice"),
     ("base: b.yaml\ndir: x\nseeds: [zero]\nruns: [{name: a}]\n", "'seeds'"),
     ("base: b.yaml\ndir: x\nruns: [{name: a, set: mix.ratio=2}]\n", "'runs[0].set'"),
     ("base: b.yaml\ndir: x\nrun: []\n", "unknown key 'run'"),

@@ -313,7 +313,7 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
             raise DeliaError(f"{path}: cannot read config: {e}") from None
         try:
             data = yaml.safe_load(text) or {}
-            lines = {key: f"{path}:{line}" for key, line in _key_lines(yaml.compose(text), "", str(path))}
+            lines = {key: f"{path}:{line}" for key, line in key_lines(yaml.compose(text), "", str(path))}
         except yaml.YAMLError as e:
             mark = getattr(e, "problem_mark", None)
             line = f":{mark.line + 1}" if mark else ""
@@ -332,12 +332,16 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     try:
         return _validate(_build(RunConfig, data, "", where), where)
     except DeliaError as e:
-        raise DeliaError(_locate(str(e), where, lines)) from None
+        raise DeliaError(locate(str(e), where, lines)) from None
 
 
-def _key_lines(node, prefix: str = "", path: str = ""):
-    """(dotted key, 1-based line) for every key of a composed YAML mapping; a key given twice in one
-    mapping is an error (YAML would keep the last one silently)."""
+def key_lines(node, prefix: str = "", path: str = ""):
+    """(dotted key, 1-based line) for every key of a composed YAML document (`runs[1].name` inside lists);
+    a key given twice in one mapping is an error (YAML would keep the last one silently)."""
+    if isinstance(node, yaml.SequenceNode):
+        for i, item in enumerate(node.value):
+            yield f"{prefix}[{i}]", item.start_mark.line + 1
+            yield from key_lines(item, f"{prefix}[{i}]", path)
     if isinstance(node, yaml.MappingNode):
         seen: dict[str, int] = {}
         for key, value in node.value:
@@ -348,18 +352,18 @@ def _key_lines(node, prefix: str = "", path: str = ""):
                     raise DeliaError(f"{path}:{line}: '{dotted}' is given twice (first on line {seen[dotted]})")
                 seen[dotted] = line
                 yield dotted, line
-                yield from _key_lines(value, dotted, path)
+                yield from key_lines(value, dotted, path)
 
 
-def _locate(message: str, where: str, lines: dict[str, str]) -> str:
+def locate(message: str, where: str, lines: dict[str, str]) -> str:
     """Put the line of the key a config error names after the file name: `c.yaml: 'train.lora_r': ...`
     becomes `c.yaml:3: 'train.lora_r': ...` (`--set train.lora_r=x: ...` when an override gave it)."""
     match = re.match(rf"{re.escape(where)}: (?:unknown key )?'([^']+)'", message)
     if not match:
         return message
-    key = re.sub(r"\[\d+\]", "", match.group(1))
-    while key and key not in lines:
-        key = key.rpartition(".")[0]
+    key = match.group(1)
+    while key and key not in lines:  # runs[1].name, then runs[1], then runs
+        key = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", key)
     if not key:
         return message
     at = lines[key]

@@ -33,7 +33,22 @@ KEYS = {"base", "dir", "seeds", "set", "runs", "by"}
 
 
 def load_experiment(path: str | Path) -> dict:
+    """The experiment file, checked; an error names the line of the key it is about."""
+    from .config import key_lines, locate
+
     path = Path(path)
+    try:
+        text = path.read_text(encoding="utf-8")
+        lines = {key: f"{path}:{line}" for key, line in key_lines(yaml.compose(text), "", str(path))}
+    except (OSError, UnicodeDecodeError, yaml.YAMLError):
+        lines = {}  # reported just below
+    try:
+        return _check_experiment(path, lines)
+    except DeliaError as e:
+        raise DeliaError(locate(str(e), str(path), lines)) from None
+
+
+def _check_experiment(path: Path, lines: dict) -> dict:
     try:
         data = yaml.safe_load(path.read_text(encoding="utf-8"))
     except (OSError, UnicodeDecodeError) as e:
