@@ -46,7 +46,8 @@ def test_streamed_mix_equals_the_in_memory_mix(tmp_path):
     task, diverse = _rows(10, "t"), [{**r, "source": "diverse", "prompt_style": "plain"} for r in _rows(40, "dé")]
     path = tmp_path / "diverse.jsonl"
     lines = [json.dumps(r, ensure_ascii=False) for r in diverse]
-    path.write_text("\n".join(lines[:5]) + "\n\n" + "\n".join(lines[5:]) + "\n", encoding="utf-8")
+    # a blank line, a whitespace line, CRLF endings, no newline at the end
+    path.write_bytes(("\n".join(lines[:5]) + "\n\n  \n" + "\r\n".join(lines[5:])).encode())
     for ratio, seed in ((3, 7), (2.5, 1), (0, 3)):
         n = mix_files(task, path, ratio, seed, tmp_path / "mix.jsonl")
         streamed = [json.loads(line) for line in (tmp_path / "mix.jsonl").read_text(encoding="utf-8").splitlines()]
@@ -56,3 +57,14 @@ def test_streamed_mix_equals_the_in_memory_mix(tmp_path):
     with pytest.raises(DeliaError, match="needs 50 diverse rows"):
         mix_files(task, path, 5, 0, tmp_path / "mix2.jsonl")
     assert not (tmp_path / "mix2.jsonl").exists()
+
+
+@pytest.mark.parametrize("block", [1, 3, 7, 1 << 20])
+def test_line_offsets_across_blocks(tmp_path, block):
+    from delia.data.mix import _line_offsets
+
+    path = tmp_path / "d.jsonl"
+    path.write_bytes(b'{"a": 1}\n\n   \n{"a": 22}\r\n{"a": 333}')
+    starts, ends = _line_offsets(path, 10, block=block)
+    assert [path.read_bytes()[s:e] for s, e in zip(starts, ends)] == [b'{"a": 1}', b'{"a": 22}', b'{"a": 333}']
+    assert len(_line_offsets(path, 2, block=block)[0]) == 2

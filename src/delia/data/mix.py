@@ -47,18 +47,39 @@ def _order(n: int, seed: int) -> list[int]:
     return order
 
 
-def _line_offsets(path: Path, limit: int) -> array:
-    """Byte offsets of the first `limit` non-empty lines of a file, and the end of the last one."""
+def _line_offsets(path: Path, limit: int, block: int = 1 << 24) -> tuple[array, array]:
+    """Byte offsets (start, end without the line break) of the first `limit` non-blank lines of a file,
+    found block by block with numpy: the file is never read whole."""
+    import numpy as np
+
     starts, ends = array("q"), array("q")
-    pos = 0
+    base, carry = 0, b""
     with open(path, "rb") as f:
-        for line in f:
-            if len(starts) == limit:
+        while len(starts) < limit:
+            data = f.read(block)
+            if not data and not carry:
                 break
-            if line.strip():
-                starts.append(pos)
-                ends.append(pos + len(line.rstrip(b"\r\n")))
-            pos += len(line)
+            buf = carry + data
+            view = np.frombuffer(buf, dtype=np.uint8)
+            cuts = np.flatnonzero(view == 10)
+            if not data:  # the last line has no newline
+                cuts = np.append(cuts, len(buf)).astype(np.int64)
+            if not len(cuts):  # no line ends in this block yet
+                carry = buf
+                continue
+            begin = np.concatenate(([0], cuts[:-1] + 1)).astype(np.int64)
+            end = cuts - (view[np.maximum(cuts - 1, 0)] == 13) * (cuts > begin)  # CRLF: drop the CR
+            short = np.flatnonzero(end - begin < 8)  # blank or whitespace-only lines are skipped
+            blank = [i for i in short.tolist() if not buf[begin[i] : end[i]].strip()]
+            keep = np.ones(len(begin), dtype=bool)
+            keep[blank] = False
+            take = min(limit - len(starts), int(keep.sum()))
+            starts.frombytes((begin[keep][:take] + base).tobytes())
+            ends.frombytes((end[keep][:take] + base).tobytes())
+            tail = int(cuts[-1]) + 1 if len(cuts) else 0
+            base, carry = base + tail, buf[tail:]
+            if not data:
+                break
     return starts, ends
 
 
@@ -73,14 +94,17 @@ def mix_files(task_rows: list[dict], diverse_path: Path, ratio: float, seed: int
                   for r in task_rows]
     n_task = len(task_lines)
     fd = os.open(diverse_path, os.O_RDONLY)
+    pread = os.pread
     try:
         with atomic_path(out) as tmp, open(tmp, "wb", buffering=1 << 20) as f:
+            write = f.write
             for i in _order(n_task + n_diverse, seed):
                 if i < n_task:
-                    f.write(task_lines[i])
+                    write(task_lines[i])
                 else:
-                    j = i - n_task
-                    f.write(os.pread(fd, ends[j] - starts[j], starts[j]) + b"\n")
+                    i -= n_task
+                    write(pread(fd, ends[i] - starts[i], starts[i]))
+                    write(b"\n")
     finally:
         os.close(fd)
     return n_diverse
