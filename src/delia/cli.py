@@ -87,6 +87,9 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{path.read_text()}\nreport: {path}")
             return 0
         cfg = load_config(args.config, args.set)
+        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.verb != "train":
+            raise DeliaError(f"`delia {args.verb}` runs as one process; only `delia train` runs under "
+                             "accelerate launch (run the other stages without it)")
         if args.verb == "run":
             path = pipeline.run_all(cfg)
             print(f"\n{path.read_text()}\nreport: {path}")

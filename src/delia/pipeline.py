@@ -216,7 +216,7 @@ def stage_mix(cfg: RunConfig) -> dict:
 
 
 def stage_train(cfg: RunConfig, arm: str) -> dict:
-    from .train.sft import train_lora
+    from .train.sft import train_lora, world
 
     _check_arm("train", arm, TRAINED_ARMS)
     base = arm.removesuffix(EQUAL_STEPS)
@@ -253,6 +253,8 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
         stats.update(stage2_steps=stats["steps"], steps=stats["steps"] + first["steps"],
                      trained_tokens=stats["trained_tokens"] + first["trained_tokens"],
                      seconds=round(stats["seconds"] + first["seconds"], 1))
+    if world()[0] != 0:  # under accelerate launch the main process writes the manifest
+        return {"outputs": stats}
     return stage.finish(adapter=str(folder / "adapter"), **stats)
 
 

@@ -1,11 +1,15 @@
 """The `train` stage: LoRA SFT with loss on assistant tokens only and trainable new-token rows.
 
-Built on transformers' `Trainer` and peft, so the same code runs under `accelerate launch`.
+Built on transformers' `Trainer` and peft, so the same code runs under `accelerate launch` (DDP,
+DeepSpeed, FSDP; configs in configs/accelerate/): `train.batch_size` stays the global batch (the
+accumulation steps shrink with the number of processes), only the main process writes, and the token
+counts are summed over the processes.
 """
 
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -22,6 +26,25 @@ TOKENS_FILE = "delia_tokens.json"
 COUNTS_FILE = "delia_counts.json"
 
 
+def world() -> tuple[int, int]:
+    """(this process's rank, number of processes) under `accelerate launch` / torchrun; (0, 1) alone."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
+def _counts_file(rank: int) -> str:
+    return COUNTS_FILE if rank == 0 else f"delia_counts.rank{rank}.json"
+
+
+def _sum_over_processes(values: list[int]) -> list[int]:
+    import torch.distributed as dist
+
+    if not (dist.is_available() and dist.is_initialized()):
+        return values
+    t = torch.tensor(values, dtype=torch.int64)
+    dist.all_reduce(t)
+    return t.tolist()
+
+
 def _resumable_checkpoint(folder: Path, run_key: str) -> Path | None:
     """The last checkpoint left by a killed run with the same settings and inputs (`run_key`), if any;
     checkpoints of other settings are removed."""
@@ -31,9 +54,11 @@ def _resumable_checkpoint(folder: Path, run_key: str) -> Path | None:
         return None
     key = folder / "run_key"
     last = get_last_checkpoint(str(folder))
-    if key.exists() and key.read_text() == run_key and last and (Path(last) / COUNTS_FILE).exists():
+    rank, _ = world()
+    if key.exists() and key.read_text() == run_key and last and (Path(last) / _counts_file(rank)).exists():
         return Path(last)
-    shutil.rmtree(folder)
+    if rank == 0:
+        shutil.rmtree(folder)
     return None
 
 
@@ -162,45 +187,49 @@ def train_lora(
     if not examples:
         raise DeliaError("no training row has an assistant token left (raise train.max_length?)")
     batch = effective_batch(cfg, len(examples))
-    micro = min(cfg.micro_batch_size, batch)
-    if batch % micro:
-        raise DeliaError(f"train.batch_size {batch} is not a multiple of train.micro_batch_size {micro}")
+    rank, processes = world()
+    micro = min(cfg.micro_batch_size, batch // processes)
+    if batch % (micro * processes):
+        raise DeliaError(f"train.batch_size {batch} is not a multiple of train.micro_batch_size {micro} x "
+                         f"{processes} process{'es' if processes > 1 else ''}")
+    accumulation = batch // (micro * processes)
     embed_name = embedding_module_name(model)
     if not resume_adapter:
         model = get_peft_model(model, lora_config(cfg, embed_name, new_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_log = out_dir / "loss.jsonl"
-    collator = _CountingCollator(tokenizer, batch // micro)
+    collator = _CountingCollator(tokenizer, accumulation)
     checkpoint = _resumable_checkpoint(out_dir / "checkpoints", run_key)
     resumed_from = 0
     if checkpoint:  # a killed run of the same settings: go on from its last checkpoint
-        counts = json.loads((checkpoint / COUNTS_FILE).read_text())
+        counts = json.loads((checkpoint / _counts_file(rank)).read_text())
         resumed_from = counts["step"]
         collator.start = counts
-        kept = [line for line in loss_log.read_text().splitlines() if json.loads(line)["step"] <= counts["step"]] \
-            if loss_log.exists() else []
-        loss_log.write_text("".join(line + "\n" for line in kept))
-        print(f"delia: resuming from {checkpoint.name}", flush=True)
-    else:
+        if rank == 0:
+            kept = [line for line in loss_log.read_text().splitlines()
+                    if json.loads(line)["step"] <= counts["step"]] if loss_log.exists() else []
+            loss_log.write_text("".join(line + "\n" for line in kept))
+            print(f"delia: resuming from {checkpoint.name}", flush=True)
+    elif rank == 0:
         loss_log.unlink(missing_ok=True)
         (out_dir / "checkpoints").mkdir(exist_ok=True)
         (out_dir / "checkpoints" / "run_key").write_text(run_key)
 
     class LogLoss(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs:
+            if logs and "loss" in logs and state.is_world_process_zero:
                 with open(loss_log, "a") as f:
                     f.write(json.dumps({"step": state.global_step, "loss": logs["loss"],
                                         "lr": logs.get("learning_rate")}) + "\n")
 
-        def on_save(self, args, state, control, **kw):
+        def on_save(self, args, state, control, **kw):  # every process keeps its own token counts
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
-            write_json(folder / COUNTS_FILE, collator.counts(state.global_step))
+            write_json(folder / _counts_file(rank), collator.counts(state.global_step))
 
     args = TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=micro,
-        gradient_accumulation_steps=batch // micro,
+        gradient_accumulation_steps=accumulation,
         learning_rate=cfg.learning_rate,
         num_train_epochs=cfg.epochs,
         max_steps=max_steps or -1,
@@ -217,6 +246,8 @@ def train_lora(
         remove_unused_columns=False,
         bf16=model.dtype == torch.bfloat16,
         disable_tqdm=False,
+        # several processes and no GPU (the CPU test of a launch config): gloo, as NCCL needs GPUs
+        **({"use_cpu": True, "ddp_backend": "gloo"} if processes > 1 and not torch.cuda.is_available() else {}),
     )
     trainer = Trainer(
         model=model,
@@ -230,20 +261,30 @@ def train_lora(
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.time() - started
     adapter = out_dir / "adapter"
-    # the new rows are in the adapter (trainable tokens) and the rest of the embedding is the base's,
-    # re-created on load by the same deterministic init: no need to save the whole resized matrix
-    model.save_pretrained(adapter, save_embedding_layers=False)
-    tokenizer.save_pretrained(adapter)
-    write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens, "init": token_init,
-                                       "description": task.description, "seed": seed_init})
     counts = collator.counts(trainer.state.global_step)
+    counts["tokens"], counts["loss_tokens"] = _sum_over_processes([counts["tokens"], counts["loss_tokens"]])
+    if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
+        trainer.save_model(str(adapter))  # every process: gathers the sharded weights, the main one writes
+    elif rank == 0:
+        # the new rows are in the adapter (trainable tokens) and the rest of the embedding is the base's,
+        # re-created on load by the same deterministic init: no need to save the whole resized matrix
+        model.save_pretrained(adapter, save_embedding_layers=False)
+    if rank == 0:
+        tokenizer.save_pretrained(adapter)
+        write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens, "init": token_init,
+                                           "description": task.description, "seed": seed_init})
+    trainer.accelerator.wait_for_everyone()
     losses = [json.loads(line)["loss"] for line in open(loss_log)] if loss_log.exists() else []
-    shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
+    if rank == 0:
+        shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return {
         "rows": len(examples),
         "task_rows": sum(r.get("source", "task") == "task" for r in rows),
         "batch_size": batch,
         "micro_batch_size": micro,
+        "processes": processes,
+        "parallel": ("fsdp" if trainer.is_fsdp_enabled else "deepspeed" if trainer.is_deepspeed_enabled
+                     else "ddp" if processes > 1 else "none"),
         "steps": trainer.state.global_step,
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "trained_tokens": counts["tokens"],

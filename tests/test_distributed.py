@@ -1,0 +1,69 @@
+"""`delia train` under `accelerate launch` with two CPU processes (DDP over gloo), against the same
+arm trained in one process; the shipped launch configs parse with accelerate's own loader."""
+
+import json
+import os
+import subprocess
+import sys
+from pathlib import Path
+
+import pytest
+
+ROOT = Path(__file__).resolve().parent.parent
+CONFIG = "run_dir: {run}\nmodel: {{name: {model}}}\narms: [common]\ntask: {{train_rows: 16, eval_rows: 2}}\n" \
+         "train: {{batch_size: 8, micro_batch_size: 2, save_steps: 1}}\n"
+
+
+def _prepare(tmp_path: Path, model: str, name: str) -> Path:
+    config = tmp_path / f"{name}.yaml"
+    config.write_text(CONFIG.format(run=tmp_path / name, model=model))
+    for verb in ("task", "mix"):
+        out = subprocess.run([sys.executable, "-m", "delia.cli", verb, str(config)], capture_output=True, text=True)
+        assert out.returncode == 0, out.stderr[-2000:]
+    return config
+
+
+def test_two_cpu_processes_train_what_one_does(tiny_model_dir, tmp_path):
+    one, two = _prepare(tmp_path, tiny_model_dir, "one"), _prepare(tmp_path, tiny_model_dir, "two")
+    out = subprocess.run([sys.executable, "-m", "delia.cli", "train", str(one), "--arm", "common"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    launcher = Path(sys.executable).parent / "accelerate"
+    out = subprocess.run([str(launcher), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp-cpu.yaml"),
+                          "-m", "delia.cli", "train", str(two), "--arm", "common"], capture_output=True, text=True,
+                         timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n / "train/common/manifest.json").read_text())["outputs"] for n in ("one", "two"))
+    assert (a["processes"], a["parallel"], b["processes"], b["parallel"]) == (1, "none", 2, "ddp")
+    # the global batch is the same: as many steps, every token trained once (summed over the processes)
+    assert a["steps"] == b["steps"] == 2
+    assert (a["trained_tokens"], a["loss_tokens"]) == (b["trained_tokens"], b["loss_tokens"])
+    assert b["first_loss"] == pytest.approx(a["first_loss"], rel=1e-4)
+    log = (tmp_path / "two/train/common/loss.jsonl").read_text().splitlines()
+    assert [json.loads(line)["step"] for line in log] == [1, 2]  # written once, by the main process
+    assert not (tmp_path / "two/train/common/checkpoints").exists()
+
+    from delia.model.loading import load_model
+    from delia.train.sft import load_adapter
+
+    model, _ = load_adapter(*load_model(tiny_model_dir), tmp_path / "two/train/common/adapter")
+    assert type(model).__name__ == "PeftModelForCausalLM"
+
+
+@pytest.mark.parametrize("name, kind", [("ddp.yaml", "MULTI_GPU"), ("ddp-cpu.yaml", "MULTI_GPU"),
+                                        ("deepspeed-zero2.yaml", "DEEPSPEED"), ("deepspeed-zero3.yaml", "DEEPSPEED"),
+                                        ("fsdp.yaml", "FSDP")])
+def test_shipped_launch_configs_parse(name, kind):
+    from accelerate.commands.config.config_args import load_config_from_file
+
+    config = load_config_from_file(str(ROOT / "configs/accelerate" / name))
+    assert config.distributed_type == kind and config.num_processes == 2
+    if kind == "DEEPSPEED":
+        assert config.deepspeed_config["zero_stage"] == int(name[-6])
+
+
+def test_other_verbs_refuse_to_run_in_several_processes(tmp_path):
+    (tmp_path / "c.yaml").write_text(f"run_dir: {tmp_path / 'run'}\n")
+    out = subprocess.run([sys.executable, "-m", "delia.cli", "task", str(tmp_path / "c.yaml")], capture_output=True,
+                         text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
+    assert out.returncode == 2 and out.stderr.count("\n") == 1 and "only `delia train` runs under" in out.stderr
