@@ -134,6 +134,12 @@ class TrainConfig:
     lr_scheduler: str = "constant_with_warmup"
     max_length: int = 512
     """Longer rows are truncated."""
+    sampling: str = "batch_rebalance"
+    """How each optimizer step's rows are split into micro-batches: `batch_rebalance` (transformers'
+    BatchRebalanceSampler: the step's rows grouped by length into micro-batches of balanced cost, so
+    little compute goes to padding; the step's gradient is unchanged) or `random` (the Trainer's
+    default: micro-batches in shuffled order, padded to their longest row). A step of one micro-batch
+    on one process has nothing to rebalance and keeps the Trainer's order either way."""
     save_steps: int = 50
     """Checkpoint every N optimizer steps (adapter, optimizer, data position), so a killed `train` resumes
     where it stopped; 0 = no checkpoints. Removed when training ends."""
@@ -271,6 +277,8 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         raise DeliaError(f"{path}: 'arms': dipmt is a translation baseline (task.kind is {cfg.task.kind!r})")
     if cfg.baselines.arithmetic_lambdas and cfg.task.kind != "formatted":
         raise DeliaError(f"{path}: 'baselines.arithmetic_lambdas': tuned by format accuracy, so formatted tasks only")
+    if cfg.train.sampling not in ("batch_rebalance", "random"):
+        raise DeliaError(f"{path}: 'train.sampling': expected batch_rebalance or random, got {cfg.train.sampling!r}")
     if cfg.train.new_token_mode not in NEW_TOKEN_MODES:
         raise DeliaError(f"{path}: 'train.new_token_mode': expected {', '.join(NEW_TOKEN_MODES)}, "
                          f"got {cfg.train.new_token_mode!r}")

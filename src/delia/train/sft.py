@@ -105,19 +105,20 @@ class _CountingCollator:
 
         self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
         self.accumulation = accumulation
-        self.start = {"step": 0, "tokens": 0, "loss_tokens": 0}  # counts of a checkpoint resumed from
-        self.batches: list[tuple[int, int]] = []
+        self.start = {"step": 0, "tokens": 0, "loss_tokens": 0, "padded_tokens": 0}  # of a checkpoint resumed from
+        self.batches: list[tuple[int, int, int]] = []
 
     def __call__(self, features):
         batch = self.inner(features)
-        self.batches.append((int(batch["attention_mask"].sum()), int((batch["labels"] != IGNORE).sum())))
+        self.batches.append((int(batch["attention_mask"].sum()), int((batch["labels"] != IGNORE).sum()),
+                             batch["input_ids"].numel()))
         return batch
 
     def counts(self, step: int) -> dict:
-        """Tokens and loss tokens trained up to optimizer step `step`."""
+        """Tokens, loss tokens and tokens computed with the padding, trained up to optimizer step `step`."""
         done = self.batches[: (step - self.start["step"]) * self.accumulation]
-        return {"step": step, "tokens": self.start["tokens"] + sum(t for t, _ in done),
-                "loss_tokens": self.start["loss_tokens"] + sum(n for _, n in done)}
+        return {"step": step, **{key: self.start.get(key, 0) + sum(b[i] for b in done)
+                                 for i, key in enumerate(("tokens", "loss_tokens", "padded_tokens"))}}
 
 
 def lora_config(cfg: TrainConfig, embed_name: str, new_ids: list[int]):
@@ -244,6 +245,8 @@ def train_lora(
         data_seed=seed,
         neftune_noise_alpha=neftune_alpha or None,
         remove_unused_columns=False,
+        # one micro-batch a step (and one process) leaves nothing to rebalance: the Trainer's own order
+        train_sampling_strategy=cfg.sampling if accumulation * processes > 1 else "random",
         bf16=model.dtype == torch.bfloat16,
         disable_tqdm=False,
         # several processes and no GPU (the CPU test of a launch config): gloo, as NCCL needs GPUs
@@ -262,7 +265,8 @@ def train_lora(
     seconds = time.time() - started
     adapter = out_dir / "adapter"
     counts = collator.counts(trainer.state.global_step)
-    counts["tokens"], counts["loss_tokens"] = _sum_over_processes([counts["tokens"], counts["loss_tokens"]])
+    counts["tokens"], counts["loss_tokens"], counts["padded_tokens"] = _sum_over_processes(
+        [counts["tokens"], counts["loss_tokens"], counts["padded_tokens"]])
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         trainer.save_model(str(adapter))  # every process: gathers the sharded weights, the main one writes
     elif rank == 0:
@@ -289,6 +293,7 @@ def train_lora(
         "epochs": round(trainer.state.epoch or 0.0, 3),
         "trained_tokens": counts["tokens"],
         "loss_tokens": counts["loss_tokens"],
+        "padded_tokens": counts["padded_tokens"],
         "train_loss": round(result.training_loss, 4),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,

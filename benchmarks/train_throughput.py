@@ -1,0 +1,143 @@
+"""Training tokens per second and peak memory of delia's `train` against TRL's `SFTTrainer` on the same
+model, rows, LoRA settings, batch and schedule (loss on the answers only, one epoch), each in its own
+process; also delia with the Trainer's random micro-batches (`train.sampling: random`), to show where
+the difference comes from. Prints the loss of every step of each, and model FLOPs utilisation
+against this machine's measured fp32 matmul peak.
+
+    pip install trl==1.16.0   # the peer, not a delia dependency
+    .venv/bin/python benchmarks/train_throughput.py [--task-rows 24] [--ratio 3] [--batch 16] [--micro 4]
+
+Rows: the demo task's rows and Alpaca demo queries with their reference answers, mixed as `mix` does.
+"""
+
+from __future__ import annotations
+
+import argparse
+import json
+import os
+import platform
+import resource
+import subprocess
+import sys
+import tempfile
+import time
+from pathlib import Path
+
+MODEL = "smollm2-135m-instruct"
+
+
+def rows(task_rows: int, ratio: float, seed: int = 0) -> list[dict]:
+    from delia.config import TaskConfig
+    from delia.data.mix import mix_with_diverse
+    from delia.data.queries import ALPACA_DEMO, load_queries
+    from delia.data.task import build_task
+
+    task, _ = build_task(TaskConfig(train_rows=task_rows, eval_rows=1), seed)
+    queries, _ = load_queries(ALPACA_DEMO)
+    diverse = [{"messages": q[:2]} for q in queries if len(q) >= 2 and q[1]["role"] == "assistant"]
+    return mix_with_diverse(task, diverse, ratio, seed)
+
+
+def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
+    """fp32 GFLOP/s of torch.mm on this machine, at torch's thread count."""
+    import torch
+
+    a, b = torch.randn(n, n), torch.randn(n, n)
+    torch.mm(a, b)
+    count, start = 0, time.perf_counter()
+    while time.perf_counter() - start < seconds:
+        torch.mm(a, b)
+        count += 1
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+
+
+def run_delia(data: list[dict], args, sampling: str, out: Path) -> dict:
+    from delia.config import TaskConfig, TrainConfig
+    from delia.model.loading import load_model
+    from delia.train.sft import train_lora
+
+    model, tokenizer = load_model(MODEL)
+    cfg = TrainConfig(batch_size=args.batch, micro_batch_size=args.micro, sampling=sampling, save_steps=0)
+    stats = train_lora(model, tokenizer, data, cfg, TaskConfig(), out, seed=0)
+    losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
+    return {"seconds": stats["seconds"], "tokens": stats["trained_tokens"], "padded_tokens": stats["padded_tokens"],
+            "steps": stats["steps"], "losses": losses, "params": sum(p.numel() for p in model.parameters())}
+
+
+def run_trl(data: list[dict], args, out: Path) -> dict:
+    from datasets import Dataset
+    from peft import LoraConfig
+    from trl import SFTConfig, SFTTrainer
+
+    from delia.config import TrainConfig
+    from delia.model.loading import load_model
+
+    model, tokenizer = load_model(MODEL)
+    c = TrainConfig()
+    dataset = Dataset.from_list([{"prompt": r["messages"][:-1], "completion": r["messages"][-1:]} for r in data])
+    config = SFTConfig(output_dir=str(out), per_device_train_batch_size=args.micro,
+                       gradient_accumulation_steps=args.batch // args.micro, learning_rate=c.learning_rate,
+                       num_train_epochs=1, lr_scheduler_type=c.lr_scheduler, warmup_steps=c.warmup_ratio,
+                       logging_steps=1, save_strategy="no", report_to="none", seed=0, max_length=c.max_length,
+                       completion_only_loss=True, packing=False, disable_tqdm=True, bf16=False, use_cpu=True)
+    lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
+                      target_modules=c.target_modules, task_type="CAUSAL_LM")
+    trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
+    result = trainer.train()
+    losses = [h["loss"] for h in trainer.state.log_history if "loss" in h]
+    tokens = sum(len(x["input_ids"]) for x in trainer.train_dataset)
+    return {"seconds": result.metrics["train_runtime"], "tokens": tokens, "padded_tokens": None,
+            "steps": trainer.state.global_step, "losses": losses,
+            "params": sum(p.numel() for p in model.parameters())}
+
+
+def child(name: str, args) -> None:
+    data = rows(args.task_rows, args.ratio)
+    with tempfile.TemporaryDirectory() as tmp:
+        out = Path(tmp) / name
+        result = run_trl(data, args, out) if name == "trl" else run_delia(data, args, name.split(":")[1], out)
+    result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
+    print("RESULT " + json.dumps(result))
+
+
+def main() -> None:
+    p = argparse.ArgumentParser(description=__doc__.splitlines()[0])
+    p.add_argument("--task-rows", type=int, default=24)
+    p.add_argument("--ratio", type=float, default=3.0)
+    p.add_argument("--batch", type=int, default=16)
+    p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--child", default="")
+    args = p.parse_args()
+    if args.child:
+        return child(args.child, args)
+    import torch
+
+    peak = matmul_peak()
+    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    results = {}
+    for name in ("trl", "delia:random", "delia:batch_rebalance"):
+        proc = subprocess.run([sys.executable, __file__, "--child", name, *sys.argv[1:]], capture_output=True, text=True)
+        line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
+        if proc.returncode != 0 or line is None:
+            print(f"{name}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
+            continue
+        r = results[name] = json.loads(line[len("RESULT "):])
+        mfu = 4 * r["params"] * r["tokens"] / r["seconds"] / 1e9 / peak  # LoRA: forward + input gradients
+        pad = f", {r['padded_tokens']:,} with padding" if r["padded_tokens"] else ""
+        print(f"{name:22s} {r['steps']} steps, {r['tokens']:,} tokens{pad} in {r['seconds']:.1f} s = "
+              f"{r['tokens'] / r['seconds']:,.0f} tokens/s, MFU {100 * mfu:.1f} %, peak RSS {r['peak_mib']:,.0f} MiB",
+              flush=True)
+        print(f"{'':22s} loss per step: {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
+    if "trl" in results:
+        t = results["trl"]
+        for name, r in results.items():
+            if name != "trl":
+                print(f"{name} / trl: {r['tokens'] / r['seconds'] / (t['tokens'] / t['seconds']):.2f}x tokens/s, "
+                      f"{r['peak_mib'] / t['peak_mib']:.2f}x peak memory, mean loss {sum(r['losses']) / len(r['losses']):.3f}"
+                      f" vs {sum(t['losses']) / len(t['losses']):.3f}")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {MODEL} fp32")
+    print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
+
+
+if __name__ == "__main__":
+    main()
