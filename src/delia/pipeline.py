@@ -250,9 +250,8 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
                        resume_adapter=_adapter(cfg, "common") if base == "dmt" else None, run_key=stage.key)
     if base == "dmt":  # count both stages
         first = json.loads((_run_dir(cfg) / "train" / "common" / "manifest.json").read_text())["outputs"]
-        stats.update(stage2_steps=stats["steps"], steps=stats["steps"] + first["steps"],
-                     trained_tokens=stats["trained_tokens"] + first["trained_tokens"],
-                     seconds=round(stats["seconds"] + first["seconds"], 1))
+        stats.update(stage2_steps=stats["steps"], seconds=round(stats["seconds"] + first["seconds"], 1),
+                     **{k: stats[k] + first.get(k, 0) for k in ("steps", "trained_tokens", "loss_tokens", "padded_tokens")})
     if world()[0] != 0:  # under accelerate launch the main process writes the manifest
         return {"outputs": stats}
     return stage.finish(adapter=str(folder / "adapter"), **stats)
