@@ -49,23 +49,31 @@ def _cli(cwd, *args, **kw):
                             stderr=subprocess.STDOUT, text=True, **kw)
 
 
-def test_experiment_survives_sigkill_and_reports_every_row(experiment):
-    first_run = experiment / "exp" / "all" / "seed-0"
-    proc = _cli(experiment, "experiment", "exp.yaml", start_new_session=True)
+def _kill_when(cwd, path):
+    proc = _cli(cwd, "experiment", "exp.yaml", start_new_session=True)
     deadline = time.time() + 300
-    while not (first_run / "report.md").exists() and time.time() < deadline and proc.poll() is None:
-        time.sleep(0.2)
+    while not path.exists() and time.time() < deadline and proc.poll() is None:
+        time.sleep(0.1)
     assert proc.poll() is None, proc.communicate()[0][-3000:]  # still running: kill it mid-way
     os.killpg(proc.pid, signal.SIGKILL)
     proc.wait()
-    assert (first_run / "report.md").exists()
+    assert path.exists()
+
+
+def test_experiment_survives_sigkill_and_reports_every_row(experiment):
+    first_run = experiment / "exp" / "all" / "seed-0"
+    _kill_when(experiment, first_run / "report.md")  # between two runs
     trained = json.loads((first_run / "train" / "delia" / "manifest.json").read_text())["finished"]
+    second = experiment / "exp" / "all" / "seed-1" / "train" / "delia" / "manifest.json"
+    _kill_when(experiment, second)  # inside a run: trained, not yet evaluated
+    trained_second = json.loads(second.read_text())["finished"]
 
     again = _cli(experiment, "experiment", "exp.yaml")
     out, _ = again.communicate(timeout=600)
     assert again.returncode == 0, out[-3000:]
-    # the finished run was not redone
+    # the finished run and the finished stage were not redone
     assert json.loads((first_run / "train" / "delia" / "manifest.json").read_text())["finished"] == trained
+    assert json.loads(second.read_text())["finished"] == trained_second
     report = (experiment / "exp" / "report.md").read_text()
     for run in ("all", "more-diverse", "one-wording"):
         assert f"| {run} | Untouched model |" in report and f"| {run} | DELIA (1 epoch) |" in report
