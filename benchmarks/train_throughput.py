@@ -51,20 +51,21 @@ def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
 
 
-def run_delia(data: list[dict], args, sampling: str, out: Path) -> dict:
+def run_delia(data: list[dict], args, sampling: str, checkpointing: bool, out: Path) -> dict:
     from delia.config import TaskConfig, TrainConfig
     from delia.model.loading import load_model
     from delia.train.sft import train_lora
 
     model, tokenizer = load_model(MODEL)
-    cfg = TrainConfig(batch_size=args.batch, micro_batch_size=args.micro, sampling=sampling, save_steps=0)
+    cfg = TrainConfig(batch_size=args.batch, micro_batch_size=args.micro, sampling=sampling, save_steps=0,
+                      gradient_checkpointing=checkpointing)
     stats = train_lora(model, tokenizer, data, cfg, TaskConfig(), out, seed=0)
     losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
     return {"seconds": stats["seconds"], "tokens": stats["trained_tokens"], "padded_tokens": stats["padded_tokens"],
             "steps": stats["steps"], "losses": losses, "params": sum(p.numel() for p in model.parameters())}
 
 
-def run_trl(data: list[dict], args, out: Path) -> dict:
+def run_trl(data: list[dict], args, checkpointing: bool, out: Path) -> dict:
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -79,7 +80,8 @@ def run_trl(data: list[dict], args, out: Path) -> dict:
                        gradient_accumulation_steps=args.batch // args.micro, learning_rate=c.learning_rate,
                        num_train_epochs=1, lr_scheduler_type=c.lr_scheduler, warmup_steps=c.warmup_ratio,
                        logging_steps=1, save_strategy="no", report_to="none", seed=0, max_length=c.max_length,
-                       completion_only_loss=True, packing=False, disable_tqdm=True, bf16=False, use_cpu=True)
+                       completion_only_loss=True, packing=False, disable_tqdm=True, bf16=False, use_cpu=True,
+                       gradient_checkpointing=checkpointing)
     lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                       target_modules=c.target_modules, task_type="CAUSAL_LM")
     trainer = SFTTrainer(model=model, args=config, train_dataset=dataset, processing_class=tokenizer, peft_config=lora)
@@ -95,7 +97,12 @@ def child(name: str, args) -> None:
     data = rows(args.task_rows, args.ratio)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name
-        result = run_trl(data, args, out) if name == "trl" else run_delia(data, args, name.split(":")[1], out)
+        tool, *options = name.split(":")
+        checkpointing = "checkpointing" in options
+        if tool == "trl":
+            result = run_trl(data, args, checkpointing, out)
+        else:
+            result = run_delia(data, args, "random" if "random" in options else "batch_rebalance", checkpointing, out)
     result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -106,6 +113,9 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=3.0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--arms", nargs="+", default=["trl:checkpointing", "delia:checkpointing", "trl", "delia:random", "delia"],
+                   help="TOOL[:OPTION...]: trl or delia; checkpointing (gradient checkpointing, TRL's default), "
+                        "random (delia with the Trainer's random micro-batches)")
     p.add_argument("--child", default="")
     args = p.parse_args()
     if args.child:
@@ -115,8 +125,8 @@ def main() -> None:
     peak = matmul_peak()
     print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
     results = {}
-    for name in ("trl", "delia:random", "delia:batch_rebalance"):
-        proc = subprocess.run([sys.executable, __file__, "--child", name, *sys.argv[1:]], capture_output=True, text=True)
+    for name in args.arms:
+        proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", name], capture_output=True, text=True)
         line = next((l for l in proc.stdout.splitlines() if l.startswith("RESULT ")), None)
         if proc.returncode != 0 or line is None:
             print(f"{name}: failed: {(proc.stderr.strip().splitlines() or ['?'])[-1]}")
@@ -128,13 +138,13 @@ def main() -> None:
               f"{r['tokens'] / r['seconds']:,.0f} tokens/s, MFU {100 * mfu:.1f} %, peak RSS {r['peak_mib']:,.0f} MiB",
               flush=True)
         print(f"{'':22s} loss per step: {' '.join(f'{x:.3f}' for x in r['losses'])}", flush=True)
-    if "trl" in results:
-        t = results["trl"]
-        for name, r in results.items():
-            if name != "trl":
-                print(f"{name} / trl: {r['tokens'] / r['seconds'] / (t['tokens'] / t['seconds']):.2f}x tokens/s, "
-                      f"{r['peak_mib'] / t['peak_mib']:.2f}x peak memory, mean loss {sum(r['losses']) / len(r['losses']):.3f}"
-                      f" vs {sum(t['losses']) / len(t['losses']):.3f}")
+    for name, r in results.items():  # each delia arm against TRL with the same gradient checkpointing
+        peer = "trl" + "".join(f":{o}" for o in name.split(":")[1:] if o == "checkpointing")
+        if name.startswith("delia") and peer in results:
+            t = results[peer]
+            print(f"{name} / {peer}: {r['tokens'] / r['seconds'] / (t['tokens'] / t['seconds']):.2f}x tokens/s, "
+                  f"{r['peak_mib'] / t['peak_mib']:.2f}x peak memory, mean loss {sum(r['losses']) / len(r['losses']):.3f}"
+                  f" vs {sum(t['losses']) / len(t['losses']):.3f}")
     print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {MODEL} fp32")
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
 

@@ -140,6 +140,8 @@ class TrainConfig:
     little compute goes to padding; the step's gradient is unchanged) or `random` (the Trainer's
     default: micro-batches in shuffled order, padded to their longest row). A step of one micro-batch
     on one process has nothing to rebalance and keeps the Trainer's order either way."""
+    gradient_checkpointing: bool = False
+    """Recompute activations in the backward pass: less memory (long rows, large models), slower steps."""
     save_steps: int = 50
     """Checkpoint every N optimizer steps (adapter, optimizer, data position), so a killed `train` resumes
     where it stopped; 0 = no checkpoints. Removed when training ends."""

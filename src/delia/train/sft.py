@@ -247,6 +247,8 @@ def train_lora(
         remove_unused_columns=False,
         # one micro-batch a step (and one process) leaves nothing to rebalance: the Trainer's own order
         train_sampling_strategy=cfg.sampling if accumulation * processes > 1 else "random",
+        gradient_checkpointing=cfg.gradient_checkpointing,
+        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
         bf16=model.dtype == torch.bfloat16,
         disable_tqdm=False,
         # several processes and no GPU (the CPU test of a launch config): gloo, as NCCL needs GPUs
