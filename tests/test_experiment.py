@@ -78,6 +78,9 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     for run in ("all", "more-diverse", "one-wording"):
         assert f"| {run} | Untouched model |" in report and f"| {run} | DELIA (1 epoch) |" in report
     assert "±" in report  # two seeds: a mean and a spread
+    delia_row = next(line for line in report.splitlines() if line.startswith("| all | DELIA (1 epoch) |"))
+    assert delia_row.split("|")[-2].strip().replace(",", "").isdigit()  # trained tokens
+    assert "| all | Untouched model |" in report and report.split("| all | Untouched model |")[1].split("\n")[0].endswith("| - |")
     assert "| one-wording | untouched (random init) |" in report and "| all | DELIA (1 epoch) |" in report
     # pivoted on mix.ratio: ratio 2 (all, one-wording) and ratio 3 (more-diverse), one column each
     assert "| Arm | mix.ratio = 2.0 | mix.ratio = 3.0 |" in report

@@ -218,7 +218,7 @@ def render(exp: dict, results: list[dict]) -> str:
              f"Base config `{exp['base']}`; seeds {', '.join(map(str, exp['seeds']))} (mean ± sample standard "
              f"deviation over seeds); overrides for every run: {', '.join(f'`{s}`' for s in exp['set']) or 'none'}.", "",
              "| Run | Arm | Format acc. (seen) | Format acc. (held-out) | Label acc. (seen) | Label acc. (held-out) | "
-             "Optimizer steps |", "|---|---|---|---|---|---|---|"]
+             "Optimizer steps | Trained tokens |", "|---|---|---|---|---|---|---|---|"]
     for run in exp["runs"]:
         rows = [r for r in results if r["run"] == run["name"]]
         arms = list(dict.fromkeys(a for r in rows for a in r["arms"]))
@@ -230,9 +230,11 @@ def render(exp: dict, results: list[dict]) -> str:
                         if m["metrics"].get(group, {}).get(key) is not None]
 
             steps = sorted({(m["train"] or {}).get("steps", 0) for m in per_seed})
+            tokens = [m["train"]["trained_tokens"] for m in per_seed if m["train"]]
             lines.append(f"| {run['name']} | {LABELS.get(arm, arm)} | {_stat(values('seen', 'format_accuracy'))} | "
                          f"{_stat(values('heldout', 'format_accuracy'))} | {_stat(values('seen', 'label_accuracy'))} | "
-                         f"{_stat(values('heldout', 'label_accuracy'))} | {', '.join(map(str, steps))} |")
+                         f"{_stat(values('heldout', 'label_accuracy'))} | {', '.join(map(str, steps))} | "
+                         f"{f'{statistics.fmean(tokens):,.0f}' if tokens else '-'} |")
     if exp["by"]:
         lines += _by_tables(exp["by"], results)
     lines += _analysis_tables(exp, results)
