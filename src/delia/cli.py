@@ -69,6 +69,7 @@ def main(argv: list[str] | None = None) -> int:
     try:
         from . import pipeline
         from .config import load_config
+        from .runfolder import world
 
         if args.verb == "data":
             from pathlib import Path
@@ -87,7 +88,7 @@ def main(argv: list[str] | None = None) -> int:
             print(f"\n{path.read_text()}\nreport: {path}")
             return 0
         cfg = load_config(args.config, args.set)
-        if int(os.environ.get("WORLD_SIZE", 1)) > 1 and args.verb != "train":
+        if world()[1] > 1 and args.verb != "train":
             raise DeliaError(f"`delia {args.verb}` runs as one process; only `delia train` runs under "
                              "accelerate launch (run the other stages without it)")
         if args.verb == "run":

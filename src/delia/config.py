@@ -317,17 +317,8 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
     where = str(path) if path else "<defaults>"
     lines: dict[str, str] = {}
     if path:
-        try:
-            text = Path(path).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DeliaError(f"{path}: cannot read config: {e}") from None
-        try:
-            data = yaml.safe_load(text) or {}
-            lines = {key: f"{path}:{line}" for key, line in key_lines(yaml.compose(text), "", str(path))}
-        except yaml.YAMLError as e:
-            mark = getattr(e, "problem_mark", None)
-            line = f":{mark.line + 1}" if mark else ""
-            raise DeliaError(f"{path}{line}: invalid YAML: {getattr(e, 'problem', e)}") from None
+        data, lines = read_yaml(path, "config")
+        data = data or {}
     if not isinstance(data, dict):
         raise DeliaError(f"{where}:1: expected a mapping of settings at the top level, got {type(data).__name__}")
     for text in overrides:
@@ -343,6 +334,21 @@ def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> Ru
         return _validate(_build(RunConfig, data, "", where), where)
     except DeliaError as e:
         raise DeliaError(locate(str(e), where, lines)) from None
+
+
+def read_yaml(path: str | Path, what: str) -> tuple[Any, dict[str, str]]:
+    """A YAML file's data and `file:line` for each of its keys (see key_lines); an unreadable file or bad
+    YAML is a one-line error with the line."""
+    try:
+        text = Path(path).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeliaError(f"{path}: cannot read {what}: {e}") from None
+    try:
+        data = yaml.safe_load(text)
+        return data, {key: f"{path}:{line}" for key, line in key_lines(yaml.compose(text), "", str(path))}
+    except yaml.YAMLError as e:
+        mark = getattr(e, "problem_mark", None)
+        raise DeliaError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', e)}") from None
 
 
 def key_lines(node, prefix: str = "", path: str = ""):

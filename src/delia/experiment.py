@@ -24,8 +24,6 @@ from __future__ import annotations
 import statistics
 from pathlib import Path
 
-import yaml
-
 from . import DeliaError
 from .runfolder import write_json, write_text
 
@@ -34,28 +32,17 @@ KEYS = {"base", "dir", "seeds", "set", "runs", "by"}
 
 def load_experiment(path: str | Path) -> dict:
     """The experiment file, checked; an error names the line of the key it is about."""
-    from .config import key_lines, locate
+    from .config import locate, read_yaml
 
     path = Path(path)
+    data, lines = read_yaml(path, "experiment")
     try:
-        text = path.read_text(encoding="utf-8")
-        lines = {key: f"{path}:{line}" for key, line in key_lines(yaml.compose(text), "", str(path))}
-    except (OSError, UnicodeDecodeError, yaml.YAMLError):
-        lines = {}  # reported just below
-    try:
-        return _check_experiment(path, lines)
+        return _check_experiment(path, data)
     except DeliaError as e:
         raise DeliaError(locate(str(e), str(path), lines)) from None
 
 
-def _check_experiment(path: Path, lines: dict) -> dict:
-    try:
-        data = yaml.safe_load(path.read_text(encoding="utf-8"))
-    except (OSError, UnicodeDecodeError) as e:
-        raise DeliaError(f"{path}: cannot read experiment: {e}") from None
-    except yaml.YAMLError as e:
-        mark = getattr(e, "problem_mark", None)
-        raise DeliaError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', e)}") from None
+def _check_experiment(path: Path, data) -> dict:
     if not isinstance(data, dict):
         raise DeliaError(f"{path}: expected a mapping with {', '.join(sorted(KEYS))}")
     if unknown := set(data) - KEYS:

@@ -17,7 +17,7 @@ from .data.mix import diverse_count, mix_files, mix_with_diverse
 from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
 from .data.task import build_task
-from .runfolder import Stage, atomic_path, read_jsonl, write_json, write_jsonl
+from .runfolder import Stage, atomic_path, read_jsonl, world, write_json, write_jsonl
 
 DATA = {"delia": "delia.jsonl", "facts": "facts.jsonl", "dmt": "dmt.jsonl"}
 """Each trained arm's rows in mix/ (common.jsonl for the rest)."""
@@ -216,7 +216,7 @@ def stage_mix(cfg: RunConfig) -> dict:
 
 
 def stage_train(cfg: RunConfig, arm: str) -> dict:
-    from .train.sft import train_lora, world
+    from .train.sft import train_lora
 
     _check_arm("train", arm, TRAINED_ARMS)
     base = arm.removesuffix(EQUAL_STEPS)
@@ -225,12 +225,11 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
         raise DeliaError(f"{data}: missing; run the mix stage first")
     max_steps = 0
     if arm.endswith(EQUAL_STEPS):
-        delia = _run_dir(cfg) / "train" / "delia" / "manifest.json"
-        if not delia.exists():
+        if not (_run_dir(cfg) / "train" / "delia" / "manifest.json").exists():
             raise DeliaError(f"train: the {arm} arm takes its step count from the delia arm; train delia first")
-        max_steps = json.loads(delia.read_text())["outputs"]["steps"]
+        max_steps = _trained(cfg, "delia")["steps"]
         if base == "dmt":  # stage 2 takes what stage 1 (the common arm) left of delia's steps
-            max_steps = max(1, max_steps - _steps(cfg, "common"))
+            max_steps = max(1, max_steps - _trained(cfg, "common")["steps"])
     folder = _run_dir(cfg) / "train" / arm
     settings = {"train": config_dict(cfg)["train"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
                 "max_steps": max_steps, "seed": cfg.seed}
@@ -249,7 +248,7 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
                        neftune_alpha=cfg.baselines.neftune_alpha if base == "neftune" else 0.0,
                        resume_adapter=_adapter(cfg, "common") if base == "dmt" else None, run_key=stage.key)
     if base == "dmt":  # count both stages
-        first = json.loads((_run_dir(cfg) / "train" / "common" / "manifest.json").read_text())["outputs"]
+        first = _trained(cfg, "common")
         stats.update(stage2_steps=stats["steps"], seconds=round(stats["seconds"] + first["seconds"], 1),
                      **{k: stats[k] + first.get(k, 0) for k in ("steps", "trained_tokens", "loss_tokens", "padded_tokens")})
     if world()[0] != 0:  # under accelerate launch the main process writes the manifest
@@ -263,8 +262,9 @@ def _check_arm(verb: str, arm: str, known: tuple[str, ...]) -> None:
         raise DeliaError(f"{verb}: unknown arm {arm!r} (known: {', '.join(known)})")
 
 
-def _steps(cfg: RunConfig, arm: str) -> int:
-    return json.loads((_run_dir(cfg) / "train" / arm / "manifest.json").read_text())["outputs"]["steps"]
+def _trained(cfg: RunConfig, arm: str) -> dict:
+    """The figures a trained arm's manifest records (steps, tokens, seconds)."""
+    return json.loads((_run_dir(cfg) / "train" / arm / "manifest.json").read_text())["outputs"]
 
 
 def _adapter(cfg: RunConfig, arm: str) -> Path:
@@ -294,10 +294,10 @@ def stage_export(cfg: RunConfig, arm: str) -> Path:
     return folder / "model"
 
 
-def arm_generator(cfg: RunConfig, arm: str, batch_size: int, lam: float | None = None):
+def arm_generator(cfg: RunConfig, arm: str, batch_size: int):
     """The configured backend over an arm's model: the base model for `untouched`, else base + adapter
     (local), the merged export (vllm), or the server model named by `generation.server_model` with
-    `{arm}` filled in (openai). `lam` is the arithmetic arm's lambda (default: the configured one)."""
+    `{arm}` filled in (openai)."""
     from .model.generate import LocalGenerator, make_generator
 
     trained = arm in TRAINED_ARMS
@@ -313,7 +313,6 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int, lam: float | None =
         return make_generator(cfg.model, cfg.generation, batch_size, served_name=name.replace("{arm}", arm))
     if cfg.generation.backend == "vllm":
         return make_generator(cfg.model, cfg.generation, batch_size, path=str(stage_export(cfg, arm)) if trained else "")
-    lam = cfg.baselines.arithmetic_lambda if lam is None else lam
     model, tokenizer = _model(cfg)
     if trained:
         from .train.sft import load_adapter
@@ -326,7 +325,7 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int, lam: float | None =
     elif arm == "arithmetic":
         from .baselines import ArithmeticGenerator
 
-        return ArithmeticGenerator(model, tokenizer, cfg.task, lam, batch_size)
+        return ArithmeticGenerator(model, tokenizer, cfg.task, cfg.baselines.arithmetic_lambda, batch_size)
     return LocalGenerator(model, tokenizer, batch_size)
 
 
@@ -354,30 +353,30 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     if done := _skip(stage):
         return done
     print(f"delia: evaluate {arm} ({gen.backend} backend)", flush=True)
-    rows = read_jsonl(eval_path)
+    rows, train_rows = read_jsonl(eval_path), read_jsonl(train_path)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
-    budget = answer_budget(tokenizer, rows + read_jsonl(train_path), cfg.evaluate)
+    budget = answer_budget(tokenizer, rows + train_rows, cfg.evaluate)
     if arm == "icl":
         from .baselines import icl_prefix
 
-        prefix = icl_prefix(read_jsonl(train_path), cfg.baselines.icl_k, cfg.seed)
+        prefix = icl_prefix(train_rows, cfg.baselines.icl_k, cfg.seed)
         rows = [{**r, "messages": prefix + r["messages"]} for r in rows]
     if arm == "dipmt":
         from .baselines import dipmt_rows, load_dictionary
 
-        rows = dipmt_rows(rows, read_jsonl(train_path), load_dictionary(cfg.task), cfg.baselines.dipmt_words)
+        rows = dipmt_rows(rows, train_rows, load_dictionary(cfg.task), cfg.baselines.dipmt_words)
+    generator = arm_generator(cfg, arm, cfg.evaluate.batch_size)
     tuning = {}
-    if arm == "arithmetic" and cfg.baselines.arithmetic_lambdas:
-        dev = random.Random(cfg.seed).sample(read_jsonl(train_path), min(16, len(read_jsonl(train_path))))
-        dev = [{**r, "group": "seen"} for r in dev]
+    if arm == "arithmetic" and cfg.baselines.arithmetic_lambdas:  # one model, its lambda set per candidate
+        dev = [{**r, "group": "seen"} for r in random.Random(cfg.seed).sample(train_rows, min(16, len(train_rows)))]
         for lam in cfg.baselines.arithmetic_lambdas:
             print(f"delia: arithmetic lambda {lam:g} on {len(dev)} training rows", flush=True)
-            dev_metrics, _ = _score(cfg, arm_generator(cfg, arm, cfg.evaluate.batch_size, lam), dev, budget)
-            tuning[lam] = dev_metrics["seen"]["format_accuracy"]
-    lam = max(tuning, key=lambda k: (tuning[k], -k)) if tuning else None  # ties: the smallest lambda
-    metrics, generations = _score(cfg, arm_generator(cfg, arm, cfg.evaluate.batch_size, lam), rows, budget)
+            generator.lam = lam
+            tuning[lam] = _score(cfg, generator, dev, budget)[0]["seen"]["format_accuracy"]
+        generator.lam = max(tuning, key=lambda k: (tuning[k], -k))  # ties: the smallest lambda
+    metrics, generations = _score(cfg, generator, rows, budget)
     if tuning:
-        metrics["arithmetic_lambda"] = lam
+        metrics["arithmetic_lambda"] = generator.lam
         metrics["arithmetic_tuning"] = {f"{k:g}": v for k, v in tuning.items()}
     write_jsonl(folder / "generations.jsonl", generations)
     write_json(folder / "metrics.json", metrics)
@@ -604,7 +603,7 @@ def run_all(cfg: RunConfig) -> Path:
     stage_mix(cfg)
     order = [a for a in ("delia", *TRAINED_ARMS) if a in cfg.arms]
     order = list(dict.fromkeys(order))
-    if any(a.removesuffix(EQUAL_STEPS) == "dmt" for a in order) and "common" not in order:
+    if _has_dmt(cfg) and "common" not in order:
         raise DeliaError("arms: dmt needs the common arm (its first stage)")
     if any(a.endswith(EQUAL_STEPS) for a in order) and "delia" not in order:
         raise DeliaError(f"arms: the *{EQUAL_STEPS} arms need the delia arm (they match delia's optimizer steps)")

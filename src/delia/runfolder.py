@@ -96,6 +96,12 @@ def versions() -> dict[str, str]:
     return out
 
 
+def world() -> tuple[int, int]:
+    """(this process's rank, number of processes) under `accelerate launch` / torchrun; (0, 1) alone.
+    Only rank 0 writes a run folder's shared files."""
+    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
+
+
 class Stage:
     """Times one stage and writes its manifest (inputs with hashes, settings, versions, times).
 

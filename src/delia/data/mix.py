@@ -76,7 +76,7 @@ def _line_offsets(path: Path, limit: int, block: int = 1 << 24) -> tuple[array, 
             take = min(limit - len(starts), int(keep.sum()))
             starts.frombytes((begin[keep][:take] + base).tobytes())
             ends.frombytes((end[keep][:take] + base).tobytes())
-            tail = int(cuts[-1]) + 1 if len(cuts) else 0
+            tail = int(cuts[-1]) + 1
             base, carry = base + tail, buf[tail:]
             if not data:
                 break

@@ -100,16 +100,17 @@ def hf_pairs(spec: str, part: str, direction: str) -> list[dict]:
     a, b = languages(direction)
     name, _, config = spec.partition(":")
     where = f"hf:{spec}"
-    try:
-        splits = get_dataset_split_names(name, config or None)
-        split = "train" if part == "train" else next((s for s in ("test", "validation") if s in splits), None)
-        if split not in splits:
-            raise DeliaError(f"{where}: no {'train' if part == 'train' else 'test or validation'} split (has {', '.join(splits)})")
-        data = load_dataset(name, config or None, split=split)
-    except DeliaError:
-        raise
-    except Exception as e:  # noqa: BLE001 - the Hub, the network, a bad name: one line
-        raise DeliaError(f"{where}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+    def load(fn, *args, **kwargs):
+        try:
+            return fn(name, config or None, *args, **kwargs)
+        except Exception as e:  # noqa: BLE001 - the Hub, the network, a bad name: one line
+            raise DeliaError(f"{where}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+    splits = load(get_dataset_split_names)
+    split = "train" if part == "train" else next((s for s in ("test", "validation") if s in splits), None)
+    if split not in splits:
+        raise DeliaError(f"{where}: no {'train' if part == 'train' else 'test or validation'} split (has {', '.join(splits)})")
+    data = load(load_dataset, split=split)
     columns = data.column_names
     if "translation" in columns:
         rows = (r["translation"] for r in data)

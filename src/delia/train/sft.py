@@ -9,7 +9,6 @@ counts are summed over the processes.
 from __future__ import annotations
 
 import json
-import os
 import shutil
 import time
 from pathlib import Path
@@ -19,16 +18,11 @@ import torch
 from .. import DeliaError
 from ..config import TaskConfig, TrainConfig
 from ..model.tokens import add_new_tokens
-from ..runfolder import write_json
+from ..runfolder import world, write_json
 
 IGNORE = -100
 TOKENS_FILE = "delia_tokens.json"
 COUNTS_FILE = "delia_counts.json"
-
-
-def world() -> tuple[int, int]:
-    """(this process's rank, number of processes) under `accelerate launch` / torchrun; (0, 1) alone."""
-    return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
 def _counts_file(rank: int) -> str:
@@ -218,7 +212,7 @@ def train_lora(
 
     class LogLoss(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
-            if logs and "loss" in logs and state.is_world_process_zero:
+            if logs and "loss" in logs and rank == 0:
                 with open(loss_log, "a") as f:
                     f.write(json.dumps({"step": state.global_step, "loss": logs["loss"],
                                         "lr": logs.get("learning_rate")}) + "\n")
