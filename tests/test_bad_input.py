@@ -35,8 +35,8 @@ def _break(row: dict, kind: str, junk) -> tuple[object, str]:
         if key == "instruction":
             return {**row, "instruction": junk}, "field 'instruction': expected a string"
         return {key: [row[key][0], junk]}, f"field '{key}[1]'"
-    if kind == "wrong field type":
-        return {key: junk if not isinstance(junk, list) else "text"}, f"field '{key}'"
+    if kind == "wrong field type":  # a list is the right type for messages, the wrong one for an instruction
+        return {key: junk if key == "instruction" or not isinstance(junk, list) else "text"}, f"field '{key}'"
     if kind == "missing role":
         if key == "messages":
             return {"messages": [{"content": USER}, row["messages"][1]]}, "field 'messages[0].role'"

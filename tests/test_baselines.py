@@ -7,7 +7,8 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from delia.baselines import ArithmeticGenerator, default_facts, describe_tokens, fact_rows, icl_prefix
+from delia.baselines import default_facts, fact_rows, icl_prefix
+from delia.model.arithmetic import ArithmeticGenerator, describe_tokens
 from delia.config import TaskConfig, load_config
 from delia.model.generate import LocalGenerator, Request
 

@@ -78,7 +78,7 @@ def tiny_run(tiny_model_dir, tmp_path):
 
 
 def test_sweep_and_tune_ratio_resume(tiny_run, tmp_path, capsys):
-    from delia.pipeline import stage_sweep, stage_tune_ratio
+    from delia.studies import stage_sweep, stage_tune_ratio
 
     cfg = load_config(None, tiny_run)
     plot = stage_sweep(cfg)
@@ -102,7 +102,7 @@ def test_sweep_and_tune_ratio_resume(tiny_run, tmp_path, capsys):
 
 
 def test_sweep_at_equal_steps(tiny_run, tmp_path):
-    from delia.pipeline import stage_sweep
+    from delia.studies import stage_sweep
 
     assert _png(stage_sweep(load_config(None, tiny_run + ["sweep.budget=steps"])))
     points = json.loads((tmp_path / "run" / "sweep" / "sweep-equal-steps.json").read_text())
@@ -110,7 +110,8 @@ def test_sweep_at_equal_steps(tiny_run, tmp_path):
 
 
 def test_diagnose_stage(tiny_run, tmp_path):
-    from delia.pipeline import stage_diagnose, stage_sample, stage_task
+    from delia.pipeline import stage_sample, stage_task
+    from delia.studies import stage_diagnose
 
     cfg = load_config(None, tiny_run + ["mix.ratio=2"])
     stage_task(cfg)
@@ -126,7 +127,8 @@ def test_diagnose_stage(tiny_run, tmp_path):
 def test_new_token_modes_train_the_row_and_reload(tiny_model_dir, tmp_path, mode, lr):
     from delia.model.loading import load_model
     from delia.model.tokens import add_new_tokens
-    from delia.train.sft import load_adapter, train_lora
+    from delia.model.adapter import load_adapter
+    from delia.train.sft import train_lora
 
     model, tokenizer = load_model(tiny_model_dir)
     cfg = TrainConfig(batch_size=2, micro_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, new_token_mode=mode,

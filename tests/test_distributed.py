@@ -44,7 +44,7 @@ def test_two_cpu_processes_train_what_one_does(tiny_model_dir, tmp_path):
     assert not (tmp_path / "two/train/common/checkpoints").exists()
 
     from delia.model.loading import load_model
-    from delia.train.sft import load_adapter
+    from delia.model.adapter import load_adapter
 
     model, _ = load_adapter(*load_model(tiny_model_dir), tmp_path / "two/train/common/adapter")
     assert type(model).__name__ == "PeftModelForCausalLM"

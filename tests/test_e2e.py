@@ -52,7 +52,7 @@ def test_delia_run_end_to_end(tmp_path):
 
     # the adapter loads back with peft and generates
     from delia.model.loading import load_model
-    from delia.train.sft import load_adapter
+    from delia.model.adapter import load_adapter
 
     model, tokenizer = load_adapter(*load_model("smollm2-135m-instruct"), tmp_path / "run" / "train" / "delia" / "adapter")
     assert tokenizer.convert_tokens_to_ids("<sep>") == len(tokenizer) - 1

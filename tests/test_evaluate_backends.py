@@ -12,7 +12,7 @@ from delia.config import load_config
 from delia.model.loading import load_model
 from delia.pipeline import stage_evaluate, stage_export, stage_mix, stage_task, stage_train
 from delia.serve import ChatServer
-from delia.train.sft import load_adapter
+from delia.model.adapter import load_adapter
 
 
 @pytest.fixture(scope="module")

@@ -5,7 +5,9 @@ import torch
 
 from delia.config import TaskConfig, TrainConfig
 from delia.model.tokens import add_new_tokens
-from delia.train.sft import IGNORE, load_adapter, tokenize_chat, train_lora
+from delia.model.adapter import load_adapter
+from delia.model.chat import IGNORE, tokenize_chat
+from delia.train.sft import train_lora
 
 MESSAGES = [
     {"role": "user", "content": "Question: What is 2 + 2? Answer: 4. Follow the <sep> format."},

@@ -1,37 +1,32 @@
-"""Baselines that need more than a data file: in-context examples, fact-based injection rows and
-controlled generation by model arithmetic. (DMT, Dong et al. 2024, is the common arm's adapter trained
-on for one more epoch on DELIA's diverse rows plus a share of the task rows: see `pipeline.stage_train`.)
+"""The baseline arms' own code (their traits are in `delia.arms`): in-context examples, DiPMT hints,
+fact-based injection rows and DMT's second-stage rows. Model arithmetic decodes with
+`delia.model.arithmetic.ArithmeticGenerator`.
 
 - In-context learning: `k` training rows (drawn once with the seed) are put before every evaluation
   prompt as earlier user / assistant turns.
 - Fact-based injection (Mecklenburg et al. 2024): atomic facts about what each new token means, each
   turned into the same number of question-answer rows (even coverage), trained with the task rows.
   Default facts: "`<sep>` means DESCRIPTION." and one fact per required key.
+- DMT (Dong et al. 2024): the common arm's adapter trained on for one more epoch on DELIA's diverse
+  rows plus a share of the task rows (`dmt_rows`).
 - DiPMT (Ghazvininejad et al. 2023), translation, no training: for the `dipmt_words` words of the
   source sentence that are in the dictionary and rarest in the training sources (ties: the earlier
   word), a paragraph of hints 'In this context, the word "X" means "Y".' (Y: its first two senses
   joined by "or") goes between the sentence and the instruction. Words are matched lower-cased as they
   stand, so an inflected Icelandic form misses its headword.
-- Model arithmetic (Dekoninck et al. 2023), no training: at every step the next-token log-probabilities
-  of the model prompted with the description (`M_desc`: each new token in the prompt followed by
-  "(DESCRIPTION)") and without it (`M_plain`: the prompt as is) are combined as
-  `M_desc + lambda (M_desc - M_plain)`, normalised, and decoded greedily (or sampled).
 """
 
 from __future__ import annotations
 
 import json
+import math
 import random
 import re
 from collections import Counter
 from pathlib import Path
-from typing import Iterator, Sequence
-
-import torch
 
 from . import DeliaError
-from .config import TaskConfig
-from .model.generate import LocalGenerator, Request, batch_seed
+from .config import BaselinesConfig, TaskConfig
 
 FACT_QUESTIONS = [
     "What does {token} mean?",
@@ -45,6 +40,12 @@ def icl_prefix(train_rows: list[dict], k: int, seed: int) -> list[dict]:
     """k training conversations, drawn once with the seed, as earlier turns."""
     picked = random.Random(seed).sample(train_rows, min(k, len(train_rows)))
     return [m for row in picked for m in row["messages"] if m["role"] != "system"]
+
+
+def icl_rows(rows: list[dict], train_rows: list[dict], k: int, seed: int) -> list[dict]:
+    """Evaluation rows with the same k training conversations before each prompt."""
+    prefix = icl_prefix(train_rows, k, seed)
+    return [{**r, "messages": prefix + r["messages"]} for r in rows]
 
 
 def dictionary_path(task: TaskConfig) -> Path:
@@ -105,66 +106,19 @@ def fact_rows(facts: list[str], task: TaskConfig, per_fact: int) -> list[dict]:
     return rows
 
 
-def describe_tokens(messages: list[dict], task: TaskConfig) -> list[dict]:
-    """The prompt of M_desc: each new token in the user turns followed by "(DESCRIPTION)"."""
-    out = []
-    for m in messages:
-        text = m["content"]
-        if m["role"] == "user":
-            for token in task.new_tokens:
-                text = text.replace(token, f"{token} ({task.description})")
-        out.append({**m, "content": text})
-    return out
+def facts_mix(task_rows: list[dict], cfg: BaselinesConfig, task: TaskConfig, seed: int) -> tuple[list[dict], int]:
+    """The fact-based arm's rows: the task rows and the fact rows, shuffled with the seed; and how many
+    fact rows there are."""
+    facts = fact_rows(cfg.facts or default_facts(task), task, cfg.rows_per_fact)
+    rows = [{"messages": r["messages"], "source": "task"} for r in task_rows] + facts
+    random.Random(seed).shuffle(rows)
+    return rows, len(facts)
 
 
-class ArithmeticGenerator(LocalGenerator):
-    """Decoding by model arithmetic over one model: M_desc + lam * (M_desc - M_plain)."""
-
-    def __init__(self, model, tokenizer, task: TaskConfig, lam: float = 1.0, batch_size: int = 8):
-        super().__init__(model, tokenizer, batch_size)
-        self.task = task
-        self.lam = lam
-
-    def batches(self, requests: Sequence[Request], max_new_tokens: int, temperature: float = 0.0,
-                top_p: float = 1.0, seed: int = 0) -> Iterator[list[tuple[Request, str, int]]]:
-        pad = self.tokenizer.pad_token_id
-        eos = set(self._stop_ids())
-        self.model.eval()
-        for start in range(0, len(requests), self.batch_size):
-            chunk = requests[start : start + self.batch_size]
-            n = len(chunk)
-            prompts = [self.prompt_ids(describe_tokens(r.messages, self.task)) for r in chunk]
-            prompts += [self.prompt_ids(r.messages) for r in chunk]
-            width = max(map(len, prompts))
-            ids = torch.tensor([[pad] * (width - len(p)) + p for p in prompts], device=self.model.device)
-            mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prompts], device=self.model.device)
-            positions = (mask.cumsum(-1) - 1).clamp(min=0)
-            generator = torch.Generator().manual_seed(batch_seed(seed, [r.key for r in chunk]))
-            out: list[list[int]] = [[] for _ in range(n)]
-            done = [False] * n
-            past = None
-            with torch.inference_mode():
-                for _ in range(max_new_tokens):
-                    result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions,
-                                        past_key_values=past, use_cache=True)
-                    past = result.past_key_values
-                    logp = torch.log_softmax(result.logits[:, -1].float(), -1)
-                    combined = torch.log_softmax((1 + self.lam) * logp[:n] - self.lam * logp[n:], -1)
-                    if temperature > 0:
-                        probs = torch.softmax(combined / temperature, -1).cpu()
-                        nxt = torch.multinomial(probs, 1, generator=generator)[:, 0]
-                    else:
-                        nxt = combined.argmax(-1).cpu()
-                    for i, tok in enumerate(nxt.tolist()):
-                        if not done[i]:
-                            if tok in eos:
-                                done[i] = True
-                            else:
-                                out[i].append(tok)
-                    if all(done):
-                        break
-                    step = torch.cat([nxt, nxt]).to(self.model.device)[:, None]
-                    ids = step
-                    mask = torch.cat([mask, torch.ones_like(step)], -1)
-                    positions = positions[:, -1:] + 1
-            yield [(r, self.tokenizer.decode(o, skip_special_tokens=True).strip(), len(o)) for r, o in zip(chunk, out)]
+def dmt_rows(task_rows: list[dict], diverse: list[dict], task_fraction: float, seed: int) -> list[dict]:
+    """DMT's second stage: the diverse rows DELIA gets and a share of the task rows, shuffled."""
+    keep = random.Random(seed).sample(task_rows, math.ceil(task_fraction * len(task_rows)))
+    rows = [{"messages": r["messages"], "source": "task"} for r in keep]
+    rows += [{"messages": r["messages"], "source": "diverse"} for r in diverse]
+    random.Random(seed).shuffle(rows)
+    return rows

@@ -63,11 +63,81 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
+def _run(cfg, args) -> None:
+    path = _pipeline().run_all(cfg)
+    print(f"\n{path.read_text()}\nreport: {path}")
+
+
+def _report(cfg, args) -> None:
+    print(_pipeline().stage_report(cfg).read_text())
+
+
+def _serve(cfg, args) -> None:
+    from .model.loading import load_model
+    from .serve import serve
+
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
+    if args.adapter:
+        from .model.adapter import load_adapter
+
+        model, tokenizer = load_adapter(model, tokenizer, args.adapter)
+    key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
+    if args.api_key_env and not key:
+        raise DeliaError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
+    serve(model, tokenizer, args.name or cfg.model.name, args.host, args.port, args.faults, key)
+
+
+def _pipeline():
+    from . import pipeline  # imported when a verb runs: `delia --help` needs no torch
+
+    return pipeline
+
+
+def _sweep(cfg, args) -> None:
+    from .studies import stage_sweep
+
+    print(f"delia: plot {stage_sweep(cfg)}")
+
+
+def _tune_ratio(cfg, args) -> None:
+    from .studies import stage_tune_ratio
+
+    stage_tune_ratio(cfg)
+
+
+def _diagnose(cfg, args) -> None:
+    from .studies import stage_diagnose
+
+    stage_diagnose(cfg, args.arm)
+
+
+def _export(cfg, args) -> None:
+    print(f"delia: exported to {_pipeline().stage_export(cfg, args.arm)}")
+
+
+VERBS = {
+    "run": _run,
+    "task": lambda cfg, args: _pipeline().stage_task(cfg),
+    "diversify": lambda cfg, args: _pipeline().stage_diversify(cfg),
+    "sample": lambda cfg, args: _pipeline().stage_sample(cfg),
+    "mix": lambda cfg, args: _pipeline().stage_mix(cfg),
+    "train": lambda cfg, args: _pipeline().stage_train(cfg, args.arm),
+    "evaluate": lambda cfg, args: _pipeline().stage_evaluate(cfg, args.arm),
+    "analyze": lambda cfg, args: _pipeline().stage_analyze(cfg),
+    "report": _report,
+    "sweep": _sweep,
+    "tune-ratio": _tune_ratio,
+    "diagnose": _diagnose,
+    "export": _export,
+    "serve": _serve,
+}
+"""What each verb that takes a config does (`data` and `experiment` take other arguments)."""
+
+
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     try:
-        from . import pipeline
         from .config import load_config
         from .runfolder import world
 
@@ -91,35 +161,7 @@ def main(argv: list[str] | None = None) -> int:
         if world()[1] > 1 and args.verb != "train":
             raise DeliaError(f"`delia {args.verb}` runs as one process; only `delia train` runs under "
                              "accelerate launch (run the other stages without it)")
-        if args.verb == "run":
-            path = pipeline.run_all(cfg)
-            print(f"\n{path.read_text()}\nreport: {path}")
-        elif args.verb == "report":
-            path = pipeline.stage_report(cfg)
-            print(path.read_text())
-        elif args.verb == "serve":
-            from .model.loading import load_model
-            from .serve import serve
-
-            model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
-            if args.adapter:
-                from .train.sft import load_adapter
-
-                model, tokenizer = load_adapter(model, tokenizer, args.adapter)
-            key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
-            if args.api_key_env and not key:
-                raise DeliaError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
-            serve(model, tokenizer, args.name or cfg.model.name, args.host, args.port, args.faults, key)
-        elif args.verb == "sweep":
-            print(f"delia: plot {pipeline.stage_sweep(cfg)}")
-        elif args.verb == "tune-ratio":
-            pipeline.stage_tune_ratio(cfg)
-        elif args.verb == "export":
-            print(f"delia: exported to {pipeline.stage_export(cfg, args.arm)}")
-        elif args.verb in ("train", "evaluate", "diagnose"):
-            getattr(pipeline, f"stage_{args.verb}")(cfg, args.arm)
-        else:
-            getattr(pipeline, f"stage_{args.verb}")(cfg)
+        VERBS[args.verb](cfg, args)
     except DeliaError as e:
         print(f"delia: error: {e}", file=sys.stderr)
         return 2

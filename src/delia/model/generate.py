@@ -1,5 +1,6 @@
-"""One generation interface, three backends: local transformers (batched), vLLM offline (`vllm.LLM`,
-tensor parallel on GPUs) and any OpenAI-compatible server.
+"""One generation interface (`Generator`), three backends: local transformers (batched), vLLM offline
+(`vllm.LLM`, tensor parallel on GPUs) and any OpenAI-compatible server; model arithmetic decodes
+through the same interface (`delia.model.arithmetic`).
 
 Local requests are sorted by prompt length and left-padded, so a batch wastes little compute on padding;
 each batch draws from its own seed, derived from the run seed and the keys of its requests, so a
@@ -16,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Iterator, Sequence
+from typing import Iterator, Protocol, Sequence
 
 import torch
 
@@ -30,6 +31,18 @@ class Request:
     messages: list[dict]
     text: str = ""
     """A raw prompt, already in the model's template (Magpie-style query generation); local backend only."""
+
+
+class Generator(Protocol):
+    """What every backend does: answer requests batch by batch."""
+
+    batch_size: int
+
+    def batches(self, requests: Sequence[Request], max_new_tokens: int, temperature: float = 0.0,
+                top_p: float = 1.0, seed: int = 0) -> Iterator[list[tuple[Request, str, int]]]:
+        """Yield, batch by batch, (request, generated text, generated token count); temperature 0 is
+        greedy; each batch (or request) draws from a seed derived from `seed` and its requests' keys."""
+        ...
 
 
 def batch_seed(seed: int, keys: Sequence[str]) -> int:
@@ -209,7 +222,7 @@ class VLLMGenerator:
             yield [(r, out.outputs[0].text.strip(), len(out.outputs[0].token_ids)) for r, out in zip(chunk, outputs)]
 
 
-def make_generator(model_cfg, gen_cfg, batch_size: int, path: str = "", served_name: str = ""):
+def make_generator(model_cfg, gen_cfg, batch_size: int, path: str = "", served_name: str = "") -> Generator:
     """The configured backend over the base model, or over `path` (a model folder: local and vllm) or
     `served_name` (the name a server knows: openai)."""
     if gen_cfg.backend == "openai":

@@ -9,36 +9,9 @@ from __future__ import annotations
 import json
 from pathlib import Path
 
-from ..config import EQUAL_STEPS, TRAINED_ARMS, RunConfig, config_dict
-from ..runfolder import MANIFEST, write_json, write_text
-
-LABELS = {
-    "untouched": "Untouched model",
-    "icl": "In-context examples (untrained)",
-    "init_random": "New token, random init (untrained)",
-    "init_mean": "New token, mean init (untrained)",
-    "init_description": "New token, description init (untrained)",
-    "arithmetic": "Model arithmetic (untrained)",
-    "dipmt": "DiPMT (dictionary hints, untrained)",
-    "neftune": "NEFTune (common + embedding noise, 1 epoch)",
-    "facts": "Fact-based injection (1 epoch)",
-    "dmt": "DMT (common, then diverse + some task rows; 1 epoch each)",
-    "common": "Common instruction tuning (1 epoch)",
-    "delia": "DELIA (1 epoch)",
-    "common_equal_steps": "Common instruction tuning (DELIA's steps)",
-    "neftune_equal_steps": "NEFTune (DELIA's steps)",
-    "facts_equal_steps": "Fact-based injection (DELIA's steps)",
-    "dmt_equal_steps": "DMT (both stages together DELIA's steps)",
-}
-COMPARISONS = [
-    ("One epoch each (the paper's protocol)", ["untouched", "icl", "dipmt", "init_random", "init_mean", "init_description",
-                                               "arithmetic", "common", "neftune", "facts", "dmt", "delia"]),
-    ("Equal optimizer steps", [a for a in TRAINED_ARMS if a.endswith(EQUAL_STEPS)] + ["delia"]),
-]
-
-
-def _manifest(path: Path) -> dict | None:
-    return json.loads((path / MANIFEST).read_text()) if (path / MANIFEST).exists() else None
+from ..arms import COMPARISONS, comparison, label
+from ..config import RunConfig, config_dict
+from ..runfolder import RunFolder, read_manifest, write_json, write_text
 
 
 def _pct(x) -> str:
@@ -46,18 +19,18 @@ def _pct(x) -> str:
 
 
 def collect(cfg: RunConfig) -> dict:
-    run = Path(cfg.run_dir)
+    run = RunFolder(cfg.run_dir)
     arms = {}
     for arm in cfg.arms:
-        ev = _manifest(run / "eval" / arm)
-        tr = _manifest(run / "train" / arm)
+        ev = read_manifest(run.eval(arm))
+        tr = read_manifest(run.train(arm))
         if ev is None:
             continue
         arms[arm] = {"metrics": ev["outputs"], "eval_seconds": ev["seconds"],
                      "train": tr["outputs"] if tr else None, "train_seconds": tr["seconds"] if tr else None}
     stages = {}
     for sub in ("task", "sample", "mix"):
-        m = _manifest(run / sub)
+        m = read_manifest(run.stage(sub))
         if m:
             stages[sub] = {"seconds": m["seconds"], **{k: v for k, v in m["outputs"].items() if not isinstance(v, dict)}}
             if sub == "sample":
@@ -66,11 +39,11 @@ def collect(cfg: RunConfig) -> dict:
         if row["train_seconds"] is not None:
             stages[f"train:{arm}"] = {"seconds": row["train_seconds"]}
         stages[f"evaluate:{arm}"] = {"seconds": row["eval_seconds"]}
-    analysis = run / "analysis" / "token_distance.json"
-    an = _manifest(run / "analysis")
+    analysis = run.analysis("token_distance.json")
+    an = read_manifest(run.analysis())
     if an:
         stages["analyze"] = {"seconds": an["seconds"]}
-    divergent = run / "analysis" / "divergent.json"
+    divergent = run.analysis("divergent.json")
     return {"arms": arms, "stages": stages, "config": config_dict(cfg),
             "token_distance": json.loads(analysis.read_text()) if analysis.exists() else None,
             "divergent": json.loads(divergent.read_text()) if divergent.exists() else None}
@@ -81,7 +54,7 @@ def _row(arm: str, r: dict) -> str:
     seen, held = m.get("seen", {}), m.get("heldout", {})
     steps = t.get("steps", 0)
     cells = [
-        LABELS[arm], _pct(seen.get("format_accuracy")), _pct(held.get("format_accuracy")),
+        label(arm), _pct(seen.get("format_accuracy")), _pct(held.get("format_accuracy")),
         "-" if m.get("format_gap") is None else f"{100 * m['format_gap']:+.1f}",
         _pct(seen.get("label_accuracy")), _pct(held.get("label_accuracy")),
         str(steps), f"{t['epochs']:.2f}" if t else "-", f"{t.get('trained_tokens', 0):,}" if t else "-",
@@ -109,8 +82,8 @@ def render(data: dict) -> str:
                      f"{m.get('heldout', {}).get('n', 0)} with held-out wordings; greedy decoding, up to "
                      f"{m['max_new_tokens']} new tokens.")
     lines.append("")
-    for title, order in COMPARISONS:
-        present = [a for a in order if a in arms]
+    for title in COMPARISONS:
+        present = comparison(title, arms)
         if len(present) < 2:
             continue
         if cfg["task"]["kind"] == "translation":
@@ -125,7 +98,7 @@ def render(data: dict) -> str:
         tried = ", ".join(f"{k} {_pct(v)}" for k, v in tuned.items())
         lines += [f"Model arithmetic: lambda {arms['arithmetic']['metrics']['arithmetic_lambda']:g}, the best format "
                   f"accuracy on 16 training rows among: {tried}.", ""]
-    cut = [f"{LABELS[a]} {r['metrics'].get('hit_token_limit', 0)}" for a, r in arms.items()]
+    cut = [f"{label(a)} {r['metrics'].get('hit_token_limit', 0)}" for a, r in arms.items()]
     if cut:
         lines += [f"Answers cut at the token limit: {', '.join(cut)}.", ""]
     tr = cfg["train"]
@@ -157,7 +130,7 @@ def _distance_table(results: dict, cfg: dict) -> list[str]:
     for name, res in results.items():
         cells = [f"{v:.1f}" for k in keywords for v in first_middle_last(res[k]["l2"])]
         emb = ", ".join(f"{res[k]['embedding_l2']:.2f}" for k in keywords)
-        lines.append(f"| {LABELS.get(name, name)} | {' | '.join(cells)} | {emb} |")
+        lines.append(f"| {label(name)} | {' | '.join(cells)} | {emb} |")
     lines += ["", "![token distance by block](analysis/token_distance.png)",
               "Definition: `delia.analysis.token_distance` (carrier sentences, slot states, averaged)."]
     return lines
@@ -173,7 +146,7 @@ def _translation_table(present: list[str], arms: dict) -> list[str]:
         ref = base.get("heldout", {}).get("chrf++")
         held = m.get("heldout", {}).get("chrf++")
         change = f"{100 * (held - ref) / ref:+.1f} %" if ref and held is not None and arm != "untouched" else "-"
-        cells = [LABELS.get(arm, arm), *(str(m.get(g, {}).get("chrf++", "-")) for g in ("seen", "heldout")), change,
+        cells = [label(arm), *(str(m.get(g, {}).get("chrf++", "-")) for g in ("seen", "heldout")), change,
                  *(str(m.get(g, {}).get("bleu", "-")) for g in ("seen", "heldout")), str(t.get("steps", 0))]
         lines.append("| " + " | ".join(cells) + " |")
     return lines
@@ -185,7 +158,7 @@ def _divergent_table(results: dict) -> list[str]:
              "|---|---|---|---|---|---|---|"]
     for name, groups in results.items():
         for group, g in groups.items():
-            lines.append(f"| {LABELS.get(name, name)} | {group} | {g['n']} | {g['p_right']:.3f} | "
+            lines.append(f"| {label(name)} | {group} | {g['n']} | {g['p_right']:.3f} | "
                          f"{g['rank_median']:g} | {g['entropy']:.2f} | {g['p_brace']:.3f} |")
     lines += ["", "![divergent token](analysis/divergent.png)",
               "Definition: `delia.analysis.divergent` (next-token distribution where the answer opens its object)."]
@@ -194,8 +167,7 @@ def _divergent_table(results: dict) -> list[str]:
 
 def write_report(cfg: RunConfig) -> Path:
     data = collect(cfg)
-    run = Path(cfg.run_dir)
-    write_json(run / "report.json", data)
-    path = run / "report.md"
-    write_text(path, render(data))
-    return path
+    run = RunFolder(cfg.run_dir)
+    write_json(run.report_json, data)
+    write_text(run.report_md, render(data))
+    return run.report_md

@@ -17,11 +17,11 @@ import torch
 
 from .. import DeliaError
 from ..config import TaskConfig, TrainConfig
+from ..model.adapter import TOKENS_FILE, load_adapter
+from ..model.chat import IGNORE, tokenize_chat
 from ..model.tokens import add_new_tokens
 from ..runfolder import world, write_json
 
-IGNORE = -100
-TOKENS_FILE = "delia_tokens.json"
 COUNTS_FILE = "delia_counts.json"
 
 
@@ -54,28 +54,6 @@ def _resumable_checkpoint(folder: Path, run_key: str) -> Path | None:
     if rank == 0:
         shutil.rmtree(folder)
     return None
-
-
-def tokenize_chat(tokenizer, messages: list[dict], max_length: int) -> dict:
-    """input_ids and labels of one conversation; labels are -100 except on the assistant turns
-    (their text and the end-of-turn token that closes them)."""
-    full = tokenizer.apply_chat_template(messages, tokenize=False)
-    spans = []
-    for i, m in enumerate(messages):
-        if m["role"] != "assistant":
-            continue
-        before = tokenizer.apply_chat_template(messages[:i], add_generation_prompt=True, tokenize=False)
-        upto = tokenizer.apply_chat_template(messages[: i + 1], tokenize=False)
-        if not (upto.startswith(before) and full.startswith(upto)):
-            raise DeliaError("the chat template does not render conversations prefix by prefix; "
-                             "cannot find the assistant tokens to train on")
-        spans.append((len(before), len(upto)))
-    enc = tokenizer(full, add_special_tokens=False, return_offsets_mapping=True)
-    labels = [
-        tok if any(a <= start < b for a, b in spans) else IGNORE
-        for tok, (start, _) in zip(enc["input_ids"], enc["offset_mapping"])
-    ]
-    return {"input_ids": enc["input_ids"][:max_length], "labels": labels[:max_length]}
 
 
 def effective_batch(cfg: TrainConfig, n_rows: int) -> int:
@@ -147,58 +125,45 @@ def _separate_token_lr(model, cfg: TrainConfig, embed_name: str):
                                "lr": cfg.learning_rate, "weight_decay": 0.0}
 
 
-def train_lora(
-    model,
-    tokenizer,
-    rows: list[dict],
-    cfg: TrainConfig,
-    task: TaskConfig,
-    out_dir: Path,
-    seed: int,
-    max_steps: int = 0,
-    neftune_alpha: float = 0.0,
-    resume_adapter: Path | None = None,
-    run_key: str = "",
-    callbacks: list | None = None,
-) -> dict:
-    """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
-    and save it with the tokenizer in `out_dir/adapter`. Returns the run's figures."""
-    from datasets import Dataset
-    from peft import get_peft_model
-    from transformers import Trainer, TrainerCallback, TrainingArguments, set_seed
-
-    set_seed(seed)  # the LoRA init draws from the global generator: same seed, same adapter, in any process
-    if resume_adapter:  # go on training a saved adapter (DMT's second stage)
+def _add_or_resume_tokens(model, tokenizer, cfg: TrainConfig, task: TaskConfig, seed: int,
+                          resume_adapter: Path | None):
+    """The new tokens added with their init, or a saved adapter loaded to go on training (DMT's second
+    stage). Returns (model, tokenizer, new token ids, their init, the seed of their init)."""
+    if resume_adapter:
         meta = json.loads((Path(resume_adapter) / TOKENS_FILE).read_text())
         model, tokenizer = load_adapter(model, tokenizer, resume_adapter, trainable=True)
-        new_ids = tokenizer.convert_tokens_to_ids(meta["tokens"])
-        token_init, seed_init = meta["init"], meta["seed"]
-    else:
-        new_ids = add_new_tokens(model, tokenizer, task.new_tokens, cfg.token_init, task.description, seed)
-        token_init, seed_init = cfg.token_init, seed
+        return model, tokenizer, tokenizer.convert_tokens_to_ids(meta["tokens"]), meta["init"], meta["seed"]
+    new_ids = add_new_tokens(model, tokenizer, task.new_tokens, cfg.token_init, task.description, seed)
+    return model, tokenizer, new_ids, cfg.token_init, seed
+
+
+def _examples(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
+    """Tokenized rows that keep at least one assistant token after truncation."""
     tokenizer.padding_side = "right"
-    examples = [tokenize_chat(tokenizer, r["messages"], cfg.max_length) for r in rows]
-    examples = [e for e in examples if any(l != IGNORE for l in e["labels"])]
+    examples = [tokenize_chat(tokenizer, r["messages"], max_length) for r in rows]
+    examples = [e for e in examples if any(label != IGNORE for label in e["labels"])]
     if not examples:
         raise DeliaError("no training row has an assistant token left (raise train.max_length?)")
-    batch = effective_batch(cfg, len(examples))
-    rank, processes = world()
+    return examples
+
+
+def _plan_batches(cfg: TrainConfig, n_examples: int, processes: int) -> tuple[int, int, int]:
+    """(global batch, micro-batch per process, accumulation steps): the global batch is kept whatever
+    the number of processes."""
+    batch = effective_batch(cfg, n_examples)
     micro = min(cfg.micro_batch_size, batch // processes)
     if batch % (micro * processes):
         raise DeliaError(f"train.batch_size {batch} is not a multiple of train.micro_batch_size {micro} x "
                          f"{processes} process{'es' if processes > 1 else ''}")
-    accumulation = batch // (micro * processes)
-    embed_name = embedding_module_name(model)
-    if not resume_adapter:
-        model = get_peft_model(model, lora_config(cfg, embed_name, new_ids))
-    out_dir.mkdir(parents=True, exist_ok=True)
-    loss_log = out_dir / "loss.jsonl"
-    collator = _CountingCollator(tokenizer, accumulation)
+    return batch, micro, batch // (micro * processes)
+
+
+def _resume_or_start(out_dir: Path, run_key: str, collator: _CountingCollator, loss_log: Path, rank: int) -> Path | None:
+    """The checkpoint to go on from (its token counts and loss lines kept up to its step), or None for a
+    fresh start (the loss log cleared, the run key written)."""
     checkpoint = _resumable_checkpoint(out_dir / "checkpoints", run_key)
-    resumed_from = 0
-    if checkpoint:  # a killed run of the same settings: go on from its last checkpoint
+    if checkpoint:
         counts = json.loads((checkpoint / _counts_file(rank)).read_text())
-        resumed_from = counts["step"]
         collator.start = counts
         if rank == 0:
             kept = [line for line in loss_log.read_text().splitlines()
@@ -209,6 +174,12 @@ def train_lora(
         loss_log.unlink(missing_ok=True)
         (out_dir / "checkpoints").mkdir(exist_ok=True)
         (out_dir / "checkpoints" / "run_key").write_text(run_key)
+    return checkpoint
+
+
+def _log_callback(loss_log: Path, collator: _CountingCollator, rank: int):
+    """Appends each step's loss to loss_log; every checkpoint keeps each process's token counts."""
+    from transformers import TrainerCallback
 
     class LogLoss(TrainerCallback):
         def on_log(self, args, state, control, logs=None, **kw):
@@ -217,11 +188,18 @@ def train_lora(
                     f.write(json.dumps({"step": state.global_step, "loss": logs["loss"],
                                         "lr": logs.get("learning_rate")}) + "\n")
 
-        def on_save(self, args, state, control, **kw):  # every process keeps its own token counts
+        def on_save(self, args, state, control, **kw):
             folder = Path(args.output_dir) / f"checkpoint-{state.global_step}"
             write_json(folder / _counts_file(rank), collator.counts(state.global_step))
 
-    args = TrainingArguments(
+    return LogLoss()
+
+
+def _training_arguments(cfg: TrainConfig, out_dir: Path, micro: int, accumulation: int, processes: int,
+                        seed: int, max_steps: int, neftune_alpha: float, bf16: bool):
+    from transformers import TrainingArguments
+
+    return TrainingArguments(
         output_dir=str(out_dir / "checkpoints"),
         per_device_train_batch_size=micro,
         gradient_accumulation_steps=accumulation,
@@ -243,26 +221,15 @@ def train_lora(
         train_sampling_strategy=cfg.sampling if accumulation * processes > 1 else "random",
         gradient_checkpointing=cfg.gradient_checkpointing,
         gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        bf16=model.dtype == torch.bfloat16,
+        bf16=bf16,
         disable_tqdm=False,
         # several processes and no GPU (the CPU test of a launch config): gloo, as NCCL needs GPUs
         **({"use_cpu": True, "ddp_backend": "gloo"} if processes > 1 and not torch.cuda.is_available() else {}),
     )
-    trainer = Trainer(
-        model=model,
-        args=args,
-        train_dataset=Dataset.from_list(examples),
-        data_collator=collator,
-        callbacks=[LogLoss(), *(callbacks or [])],
-        optimizer_cls_and_kwargs=_separate_token_lr(model, cfg, embed_name),
-    )
-    started = time.time()
-    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
-    seconds = time.time() - started
-    adapter = out_dir / "adapter"
-    counts = collator.counts(trainer.state.global_step)
-    counts["tokens"], counts["loss_tokens"], counts["padded_tokens"] = _sum_over_processes(
-        [counts["tokens"], counts["loss_tokens"], counts["padded_tokens"]])
+
+
+def _save(trainer, model, tokenizer, adapter: Path, task: TaskConfig, token_init: str, seed_init: int, rank: int):
+    """The adapter, the tokenizer and how to re-create the new tokens' base rows (TOKENS_FILE)."""
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         trainer.save_model(str(adapter))  # every process: gathers the sharded weights, the main one writes
     elif rank == 0:
@@ -274,6 +241,57 @@ def train_lora(
         write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens, "init": token_init,
                                            "description": task.description, "seed": seed_init})
     trainer.accelerator.wait_for_everyone()
+
+
+def train_lora(
+    model,
+    tokenizer,
+    rows: list[dict],
+    cfg: TrainConfig,
+    task: TaskConfig,
+    out_dir: Path,
+    seed: int,
+    max_steps: int = 0,
+    neftune_alpha: float = 0.0,
+    resume_adapter: Path | None = None,
+    run_key: str = "",
+    callbacks: list | None = None,
+) -> dict:
+    """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
+    and save it with the tokenizer in `out_dir/adapter`. Returns the run's figures."""
+    from datasets import Dataset
+    from peft import get_peft_model
+    from transformers import Trainer, set_seed
+
+    set_seed(seed)  # the LoRA init draws from the global generator: same seed, same adapter, in any process
+    model, tokenizer, new_ids, token_init, seed_init = _add_or_resume_tokens(model, tokenizer, cfg, task, seed,
+                                                                             resume_adapter)
+    examples = _examples(tokenizer, rows, cfg.max_length)
+    rank, processes = world()
+    batch, micro, accumulation = _plan_batches(cfg, len(examples), processes)
+    embed_name = embedding_module_name(model)
+    if not resume_adapter:
+        model = get_peft_model(model, lora_config(cfg, embed_name, new_ids))
+    out_dir.mkdir(parents=True, exist_ok=True)
+    loss_log = out_dir / "loss.jsonl"
+    collator = _CountingCollator(tokenizer, accumulation)
+    checkpoint = _resume_or_start(out_dir, run_key, collator, loss_log, rank)
+    trainer = Trainer(
+        model=model,
+        args=_training_arguments(cfg, out_dir, micro, accumulation, processes, seed, max_steps, neftune_alpha,
+                                 bf16=model.dtype == torch.bfloat16),
+        train_dataset=Dataset.from_list(examples),
+        data_collator=collator,
+        callbacks=[_log_callback(loss_log, collator, rank), *(callbacks or [])],
+        optimizer_cls_and_kwargs=_separate_token_lr(model, cfg, embed_name),
+    )
+    started = time.time()
+    result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
+    seconds = time.time() - started
+    counts = collator.counts(trainer.state.global_step)
+    counts["tokens"], counts["loss_tokens"], counts["padded_tokens"] = _sum_over_processes(
+        [counts["tokens"], counts["loss_tokens"], counts["padded_tokens"]])
+    _save(trainer, model, tokenizer, out_dir / "adapter", task, token_init, seed_init, rank)
     losses = [json.loads(line)["loss"] for line in open(loss_log)] if loss_log.exists() else []
     if rank == 0:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
@@ -295,14 +313,5 @@ def train_lora(
         "last_loss": losses[-1] if losses else None,
         "seconds": round(seconds, 1),
         "new_token_ids": new_ids,
-        "resumed_from_step": resumed_from,
+        "resumed_from_step": collator.start["step"],
     }
-
-
-def load_adapter(model, tokenizer, adapter_dir: Path, trainable: bool = False):
-    """Re-create the new tokens exactly as in training, then attach the saved adapter."""
-    from peft import PeftModel
-
-    meta = json.loads((Path(adapter_dir) / TOKENS_FILE).read_text())
-    add_new_tokens(model, tokenizer, meta["tokens"], meta["init"], meta["description"], meta["seed"])
-    return PeftModel.from_pretrained(model, str(adapter_dir), is_trainable=trainable), tokenizer

@@ -1,0 +1,125 @@
+"""The arms a run compares, as data: one entry per arm with its traits, one table of all arms.
+
+A run is stages x arms. The stages read an arm's traits (what it trains on, what it continues from,
+its budget rule, how it is prompted and decoded) and never its name, so adding an arm is one entry
+here plus its own code where it has some: a data builder (`pipeline.MIX_DATA`), a prompt rewrite
+(`pipeline.PROMPTS`) or a decoder (`pipeline.arm_generator`). See "How to add an arm" in the README.
+
+This module imports nothing of delia's, so config, stages and reports can all read it.
+"""
+
+from __future__ import annotations
+
+from dataclasses import dataclass
+from typing import Literal
+
+EPOCH = "One epoch each (the paper's protocol)"
+EQUAL_STEPS = "Equal optimizer steps"
+COMPARISONS = (EPOCH, EQUAL_STEPS)
+"""The report's tables, in order; each arm names the ones it appears in."""
+REFERENCE = "delia"
+"""The arm whose optimizer steps the equal-steps arms match; it closes every table."""
+EQUAL_STEPS_SUFFIX = "_equal_steps"
+ALL_BACKENDS = ("local", "vllm", "openai")
+
+
+@dataclass(frozen=True)
+class Arm:
+    name: str
+    """The arm's name in configs and run folders."""
+    label: str
+    """Its row label in reports."""
+    data: str = ""
+    """The mix file it trains on (`mix/DATA.jsonl`, built by `pipeline.MIX_DATA[DATA]`); empty = untrained."""
+    budget: Literal["none", "epoch", "reference_steps"] = "none"
+    """`epoch`: one epoch of its own data; `reference_steps`: as many optimizer steps as the REFERENCE arm."""
+    continues_from: str = ""
+    """A trained arm whose adapter this one goes on training (a second stage); its steps count towards
+    this arm's budget and its figures are added to this arm's."""
+    needs_diverse: bool = False
+    """Trains on self-sampled diverse rows: the run samples them."""
+    neftune: bool = False
+    """Noise on the input embeddings during training (`baselines.neftune_alpha`)."""
+    token_init: str = ""
+    """Untrained: the new tokens are added with this init and nothing is trained."""
+    prompt: str = ""
+    """A rewrite of the evaluation prompts (`pipeline.PROMPTS[PROMPT]`); empty = the rows as they are."""
+    decoding: Literal["plain", "arithmetic"] = "plain"
+    """`arithmetic`: model arithmetic over prompts with and without the description."""
+    task_kinds: tuple[str, ...] = ("formatted", "translation")
+    backends: tuple[str, ...] = ALL_BACKENDS
+    """Generation backends that can evaluate it."""
+    comparisons: tuple[str, ...] = (EPOCH,)
+
+    @property
+    def trained(self) -> bool:
+        return bool(self.data)
+
+    @property
+    def uses_baseline_settings(self) -> bool:
+        """Its evaluation depends on the `baselines` section (prompt rewrite or decoding)."""
+        return bool(self.prompt) or self.decoding != "plain"
+
+
+def _equal_steps(arm: Arm, label: str) -> Arm:
+    """The same arm trained for the REFERENCE arm's optimizer steps (the task rows repeat)."""
+    return Arm(**{**arm.__dict__, "name": arm.name + EQUAL_STEPS_SUFFIX, "label": label,
+                  "budget": "reference_steps", "comparisons": (EQUAL_STEPS,)})
+
+
+_COMMON = Arm("common", "Common instruction tuning (1 epoch)", data="common", budget="epoch")
+_NEFTUNE = Arm("neftune", "NEFTune (common + embedding noise, 1 epoch)", data="common", budget="epoch", neftune=True)
+_FACTS = Arm("facts", "Fact-based injection (1 epoch)", data="facts", budget="epoch")
+_DMT = Arm("dmt", "DMT (common, then diverse + some task rows; 1 epoch each)", data="dmt", budget="epoch",
+           continues_from="common", needs_diverse=True)
+_LOCAL = ("local",)
+
+ARMS: dict[str, Arm] = {a.name: a for a in (
+    Arm("untouched", "Untouched model"),
+    Arm("icl", "In-context examples (untrained)", prompt="icl", backends=_LOCAL),
+    Arm("dipmt", "DiPMT (dictionary hints, untrained)", prompt="dipmt", task_kinds=("translation",), backends=_LOCAL),
+    Arm("init_random", "New token, random init (untrained)", token_init="random", backends=_LOCAL),
+    Arm("init_mean", "New token, mean init (untrained)", token_init="mean", backends=_LOCAL),
+    Arm("init_description", "New token, description init (untrained)", token_init="description", backends=_LOCAL),
+    Arm("arithmetic", "Model arithmetic (untrained)", decoding="arithmetic", backends=_LOCAL),
+    _COMMON, _NEFTUNE, _FACTS, _DMT,
+    Arm("delia", "DELIA (1 epoch)", data="delia", budget="epoch", needs_diverse=True, comparisons=COMPARISONS),
+    _equal_steps(_COMMON, "Common instruction tuning (DELIA's steps)"),
+    _equal_steps(_NEFTUNE, "NEFTune (DELIA's steps)"),
+    _equal_steps(_FACTS, "Fact-based injection (DELIA's steps)"),
+    _equal_steps(_DMT, "DMT (both stages together DELIA's steps)"),
+)}
+"""Every arm, in the order of the report's rows."""
+
+def trained_arms() -> tuple[str, ...]:
+    """The names of the arms that train, in table order."""
+    return tuple(name for name, arm in ARMS.items() if arm.trained)
+
+
+def label(name: str) -> str:
+    """An arm's report label; other names (e.g. "untouched (mean init)") as they are."""
+    return ARMS[name].label if name in ARMS else name
+
+
+def comparison(title: str, present) -> list[str]:
+    """The arms of one report table among `present`, in table order, the REFERENCE arm last."""
+    names = [n for n, a in ARMS.items() if title in a.comparisons and n in present and n != REFERENCE]
+    return names + ([REFERENCE] if REFERENCE in present and title in ARMS[REFERENCE].comparisons else [])
+
+
+def training_order(arms) -> list[str]:
+    """The trained arms among `arms`, each after the arms it takes steps or an adapter from."""
+    order = [n for n in ARMS if n in arms and ARMS[n].trained]
+    first = {REFERENCE} | {ARMS[n].continues_from for n in order}
+    return [n for n in order if n in first] + [n for n in order if n not in first]
+
+
+def missing_dependency(arms) -> str:
+    """Why this set of arms cannot run (an arm without the arm it needs), or ''."""
+    for name in arms:
+        arm = ARMS[name]
+        if arm.continues_from and arm.continues_from not in arms:
+            return f"{name} needs the {arm.continues_from} arm (its first stage)"
+        if arm.budget == "reference_steps" and REFERENCE not in arms:
+            return f"{name} needs the {REFERENCE} arm (it matches {REFERENCE}'s optimizer steps)"
+    return ""
