@@ -209,3 +209,46 @@ def test_malformed_arguments(args):
         except SystemExit as e:
             code = e.code
     assert code == 2 and err.getvalue().count("\n") == 1 and err.getvalue().startswith("delia: error: "), (args, err.getvalue())
+
+
+def _dotted_keys(cls, prefix=""):
+    import dataclasses
+    import typing
+
+    for f in dataclasses.fields(cls):
+        hint = typing.get_type_hints(cls)[f.name]
+        yield prefix + f.name
+        if dataclasses.is_dataclass(hint):
+            yield from _dotted_keys(hint, prefix + f.name + ".")
+
+
+@settings(max_examples=150, deadline=None)
+@given(key=st.one_of(st.sampled_from(list(_dotted_keys(__import__("delia.config").config.RunConfig))),
+                     st.text("abcz._[]0", min_size=1, max_size=12)),
+       value=st.one_of(st.integers(-2**40, 2**40), st.floats(allow_nan=True), st.text(max_size=8), st.none(),
+                       st.booleans(), st.lists(st.integers(-3, 3), max_size=3), st.just("{a: 1}"), st.just("[]")))
+def test_any_override_ends_in_an_answer(key, value):
+    """Any `--set KEY=VALUE` (known or made-up dotted keys, any YAML value) gives a config or one line and
+    status 2, within seconds: error reporting once looped forever on a key naming a whole section."""
+    import signal
+
+    import yaml
+
+    from delia import DeliaError
+    from delia.cli import one_line
+    from delia.config import load_config
+
+    text = f"{key}={value if isinstance(value, str) else yaml.safe_dump(value, default_flow_style=True).strip()}"
+
+    def hang(*_):
+        raise AssertionError(f"--set {text}: no answer within 5 s")
+
+    old = signal.signal(signal.SIGALRM, hang)
+    signal.alarm(5)
+    try:
+        load_config(None, [text])
+    except DeliaError as e:  # the CLI prints it as one line
+        assert one_line(str(e)).isprintable() and text.split("=")[0] in str(e), text
+    finally:
+        signal.alarm(0)
+        signal.signal(signal.SIGALRM, old)

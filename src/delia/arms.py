@@ -56,6 +56,11 @@ class Arm:
         return bool(self.data)
 
     @property
+    def is_base_model(self) -> bool:
+        """Untrained, nothing added, prompted and decoded as it is: the untouched model itself."""
+        return not self.trained and not self.token_init and not self.prompt and self.decoding == "plain"
+
+    @property
     def uses_baseline_settings(self) -> bool:
         """Its evaluation depends on the `baselines` section (prompt rewrite or decoding)."""
         return bool(self.prompt) or self.decoding != "plain"

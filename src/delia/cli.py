@@ -35,6 +35,7 @@ def _parser() -> argparse.ArgumentParser:
     verb("diversify", "paraphrase the task's instruction wordings (word-level diversity)")
     verb("sample", "self-sample diverse rows with the target model")
     verb("mix", "mix task rows with diverse rows")
+    verb("general", "hold out general queries and answer them with the untouched model (for drift and leakage)")
     verb("train", "LoRA fine-tune one arm", arm=True)
     verb("evaluate", "evaluate one arm", arm=True)
     verb("analyze", "token-to-meaning distances of the new token per block, and the divergent token, with plots")
@@ -61,6 +62,12 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--faults", type=float, default=0.0, help="share of requests to fail on purpose (testing)")
     v.add_argument("--api-key-env", default="", help="require the key held by this environment variable")
     return p
+
+
+def one_line(message: str) -> str:
+    """An error message as one printable line: line breaks and control characters (which a user's
+    --set value or a file name may hold) are escaped."""
+    return "".join(c if c.isprintable() else repr(c)[1:-1] for c in message)
 
 
 def _run(cfg, args) -> None:
@@ -121,6 +128,7 @@ VERBS = {
     "diversify": lambda cfg, args: _pipeline().stage_diversify(cfg),
     "sample": lambda cfg, args: _pipeline().stage_sample(cfg),
     "mix": lambda cfg, args: _pipeline().stage_mix(cfg),
+    "general": lambda cfg, args: _pipeline().stage_general(cfg),
     "train": lambda cfg, args: _pipeline().stage_train(cfg, args.arm),
     "evaluate": lambda cfg, args: _pipeline().stage_evaluate(cfg, args.arm),
     "analyze": lambda cfg, args: _pipeline().stage_analyze(cfg),
@@ -163,7 +171,7 @@ def main(argv: list[str] | None = None) -> int:
                              "accelerate launch (run the other stages without it)")
         VERBS[args.verb](cfg, args)
     except DeliaError as e:
-        print(f"delia: error: {e}", file=sys.stderr)
+        print(f"delia: error: {one_line(str(e))}", file=sys.stderr)
         return 2
     except KeyboardInterrupt:
         print("delia: interrupted; rerun the same command to resume", file=sys.stderr)

@@ -164,6 +164,35 @@ class EvaluateConfig:
     """0 = 1.5x the longest reference answer in tokens (answers must be able to finish)."""
 
 
+NEGATED = (
+    "Do not use the {token} format; answer in one plain sentence.",
+    "Answer in plain prose, not in the {token} format.",
+    "Ignore {token} and reply with one ordinary sentence, without braces or keys.",
+    "Do NOT follow the {token} format: just say it in your own words.",
+)
+"""The negated control's instructions, written before any arm's answer was read and kept fixed."""
+
+
+@dataclass
+class ControlsConfig:
+    """What tuning costs and whether the new token became a switch (formatted tasks; see
+    `delia.evaluate.controls` and `delia.analysis.drift`)."""
+
+    rows: int = 12
+    """Evaluation rows each control is built from (half held-out wordings, half seen); 0 = no controls."""
+    negated: list[str] = field(default_factory=lambda: list(NEGATED))
+    """Instructions for the `negated` control ({token} = the new token), taken in turn row by row."""
+    other_token: str = "<ctl>"
+    """The `other token` control's token: added like the new tokens but never trained."""
+    general_queries: int = 64
+    """General queries held out of `sample` (from the end of its query source) for drift and leakage; 0 = none."""
+    general_max_new_tokens: int = 32
+    """New tokens per answer to a general query (the untouched model's answers and each arm's), and of each
+    reference answer scored for NLL: enough to see whether an answer opens the task's object, and short
+    enough that the demo's costs stay within minutes."""
+    batch_size: int = 16
+
+
 @dataclass
 class BaselinesConfig:
     icl_k: int = 3
@@ -217,6 +246,7 @@ class RunConfig:
     mix: MixConfig = field(default_factory=MixConfig)
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
+    controls: ControlsConfig = field(default_factory=ControlsConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
@@ -281,6 +311,13 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         raise DeliaError(f"{path}: 'generation.base_url': the openai backend needs the server's URL")
     if not cfg.sweep.ratios or min(cfg.sweep.ratios) < 0 or cfg.sweep.rungs < 1 or cfg.sweep.eta < 2:
         raise DeliaError(f"{path}: 'sweep': ratios must be a non-empty list of numbers >= 0, rungs >= 1, eta >= 2")
+    for name, least in (("rows", 0), ("general_queries", 0), ("general_max_new_tokens", 1), ("batch_size", 1)):
+        if getattr(cfg.controls, name) < least:
+            raise DeliaError(f"{path}: 'controls.{name}': must be >= {least}, got {getattr(cfg.controls, name)}")
+    if cfg.controls.other_token in cfg.task.new_tokens or not cfg.controls.other_token.strip():
+        raise DeliaError(f"{path}: 'controls.other_token': must be a non-empty token other than the new tokens")
+    if cfg.controls.rows and not all("{token}" in t for t in cfg.controls.negated) or not cfg.controls.negated:
+        raise DeliaError(f"{path}: 'controls.negated': a non-empty list of instructions, each with {{token}}")
     if cfg.mix.ratio < 0:
         raise DeliaError(f"{path}: 'mix.ratio': must be >= 0, got {cfg.mix.ratio}")
     return cfg
@@ -291,6 +328,8 @@ def parse_override(text: str) -> tuple[list[str], Any]:
     if "=" not in text:
         raise DeliaError(f"--set {text}: expected KEY=VALUE, for example train.learning_rate=1e-3")
     key, value = text.split("=", 1)
+    if not all(part.strip() for part in key.split(".")):
+        raise DeliaError(f"--set {text}: '{key}' is not a setting; expected KEY=VALUE, for example train.learning_rate=1e-3")
     try:
         return key.strip().split("."), yaml.safe_load(value)
     except yaml.YAMLError as e:
@@ -364,9 +403,12 @@ def locate(message: str, where: str, lines: dict[str, str]) -> str:
     match = re.match(rf"{re.escape(where)}: (?:unknown key )?'([^']+)'", message)
     if not match:
         return message
-    key = match.group(1)
-    while key and key not in lines:  # runs[1].name, then runs[1], then runs
-        key = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", key)
+    named = key = match.group(1)
+    while key and key not in lines:  # runs[1].name, then runs[1], then runs, then nothing
+        shorter = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", key)
+        key = shorter if shorter != key else ""
+    if not key:  # a section named as a whole: the first of its keys that was given
+        key = next((k for k in lines if k.startswith((named + ".", named + "["))), "")
     if not key:
         return message
     at = lines[key]

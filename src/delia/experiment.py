@@ -100,7 +100,7 @@ def run_configs(exp: dict):
 def run_experiment(path: str | Path) -> Path:
     from .data.generation_cache import seed_cache
     from .pipeline import run_all
-    from .report.experiment import render
+    from .report.experiment import render, tradeoff
     from .report.tables import collect
 
     exp = load_experiment(path)
@@ -118,6 +118,12 @@ def run_experiment(path: str | Path) -> Path:
                         "token_distance": data["token_distance"], "divergent": data["divergent"],
                         "seconds": round(sum(v["seconds"] for v in data["stages"].values()), 1)})
     write_json(exp_dir / "report.json", {"experiment": str(path), "base": exp["base"], "results": results})
+    if points := tradeoff(exp, results):
+        from .analysis.drift import plot_tradeoff
+        from .runfolder import atomic_path
+
+        with atomic_path(exp_dir / "tradeoff.png") as tmp:
+            plot_tradeoff(points, tmp, f"{exp['dir']}: mean and sd over seeds {', '.join(map(str, exp['seeds']))}")
     report = exp_dir / "report.md"
     write_text(report, render(exp, results))
     return report

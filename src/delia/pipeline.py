@@ -1,4 +1,5 @@
-"""The DELIA chain, stage by stage: task -> [diversify] -> sample -> mix -> train -> evaluate -> analyze -> report.
+"""The DELIA chain, stage by stage: task -> [diversify] -> sample -> mix -> train -> general -> evaluate ->
+analyze -> report.
 
 Each stage reads and writes files in the run folder (layout: `runfolder.RunFolder`) and leaves a
 manifest there; a stage whose manifest matches its settings and inputs is skipped, so `delia run` picks
@@ -132,6 +133,60 @@ def stage_sample(cfg: RunConfig) -> dict:
         conversations, provenance = load_queries(cfg.sample.queries)
     path, stats = sample_diverse(conversations, cfg.model, cfg.sample, want, folder, cfg.seed, cfg.generation)
     return stage.finish(diverse=str(path), queries=provenance, **stats)
+
+
+def stage_general(cfg: RunConfig) -> dict:
+    """General queries no arm trains on, and the untouched model's greedy answers to them: what drift and
+    leakage are measured on. Up to `controls.general_queries` are taken from the end of the sample's query
+    source, skipping every query the sample stage asked (checked by query text)."""
+    from .data.generation_cache import generate_cached
+    from .model.generate import Request, make_generator
+    from .runfolder import fingerprint
+
+    run = paths(cfg)
+    c = cfg.controls
+    sampled = run.diverse if _needs_diverse(cfg) else None
+    inputs = {"diverse": sampled} if sampled else {}
+    if cfg.sample.queries not in (ALPACA_DEMO, MAGPIE):
+        inputs["queries"] = cfg.sample.queries
+    settings = {"queries": cfg.sample.queries, "n": c.general_queries, "max_new_tokens": c.general_max_new_tokens,
+                "model": cfg.model.name, "backend": cfg.generation.backend, "seed": cfg.seed}
+    stage = Stage(run.stage("general"), "general", settings, inputs)
+    if done := up_to_date(stage):
+        return done
+    if cfg.sample.queries == MAGPIE or not c.general_queries:
+        write_jsonl(run.general, [])
+        return stage.finish(rows=0, note="no held-out query set (sample.queries: magpie, or general_queries 0)")
+    conversations, _ = load_queries(cfg.sample.queries)
+    asked = read_manifest(run.stage("sample"))["outputs"]["requested"] if sampled else 0
+    used = {r["messages"][0]["content"].strip() for r in read_jsonl(sampled)} if sampled else set()
+    used |= {next(m["content"] for m in c_ if m["role"] == "user").strip() for c_ in conversations[:asked]}
+    picked, seen = [], set()
+    for conv in reversed(conversations[asked:]):
+        query = next(m["content"] for m in conv if m["role"] == "user").strip()
+        if query not in used and query not in seen:
+            seen.add(query)
+            picked.append((query, next((m["content"] for m in conv if m["role"] == "assistant"), None)))
+        if len(picked) == c.general_queries:
+            break
+    picked.reverse()
+    requests = [Request(key=fingerprint({"model": cfg.model.name, "query": q, "max_new_tokens": c.general_max_new_tokens}),
+                        messages=[{"role": "user", "content": q}]) for q, _ in picked]
+    run.stage("general").mkdir(parents=True, exist_ok=True)
+    answers, _ = generate_cached(requests, run.stage("general") / "cache.jsonl",
+                                 lambda: make_generator(cfg.model, cfg.generation, c.batch_size),
+                                 c.general_max_new_tokens, 0.0, 1.0, cfg.seed, desc="general queries")
+    rows = [{"messages": r.messages, "reference": ref, "answer": answers[r.key]["answer"],
+             "tokens": answers[r.key]["tokens"]} for r, (_, ref) in zip(requests, picked)]
+    write_jsonl(run.general, rows)
+    return stage.finish(rows=len(rows), with_reference=sum(r["reference"] is not None for r in rows),
+                        skipped_sampled=len(used), untouched_mean_tokens=_mean([r["tokens"] for r in rows]),
+                        untouched_cut=_mean([r["tokens"] >= c.general_max_new_tokens for r in rows]))
+
+
+def _mean(values) -> float | None:
+    values = list(values)
+    return round(sum(values) / len(values), 4) if values else None
 
 
 def _needs_diverse(cfg: RunConfig) -> bool:
@@ -285,14 +340,35 @@ def stage_export(cfg: RunConfig, arm: str) -> Path:
     return folder / "model"
 
 
-def arm_generator(cfg: RunConfig, arm: str, batch_size: int):
+def arm_model(cfg: RunConfig, arm: str, extra_tokens: tuple[str, ...] = ()):
+    """(model, tokenizer) of an arm on this machine: the base model, its new tokens initialised for a
+    `token_init` arm, the adapter attached for a trained one. `extra_tokens` are added last, with
+    `train.token_init` and the seed, never trained (a trained arm is merged first so its vocabulary can grow)."""
+    from .model.tokens import add_new_tokens
+
+    a = ARMS[arm]
+    model, tokenizer = base_model(cfg)
+    if a.trained:
+        from .model.adapter import load_adapter
+
+        model, tokenizer = load_adapter(model, tokenizer, adapter_of(cfg, arm))
+        if extra_tokens:
+            model = model.merge_and_unload()
+    elif a.token_init:  # the new token added, its row initialised, nothing trained
+        add_new_tokens(model, tokenizer, cfg.task.new_tokens, a.token_init, cfg.task.description, cfg.seed)
+    if extra_tokens:
+        add_new_tokens(model, tokenizer, list(extra_tokens), cfg.train.token_init, cfg.task.description, cfg.seed)
+    return model, tokenizer
+
+
+def arm_generator(cfg: RunConfig, arm: str, batch_size: int, extra_tokens: tuple[str, ...] = ()):
     """The configured backend over an arm's model: the base model for an untrained arm, else base +
     adapter (local), the merged export (vllm), or the server model named by `generation.server_model`
-    with `{arm}` filled in (openai)."""
+    with `{arm}` filled in (openai). `extra_tokens` (local backend only): see `arm_model`."""
     from .model.generate import LocalGenerator, make_generator
 
     a = ARMS[arm]
-    if cfg.generation.backend not in a.backends:
+    if cfg.generation.backend not in a.backends or (extra_tokens and cfg.generation.backend != "local"):
         raise DeliaError(f"arm '{arm}': evaluated with the local backend only (generation.backend is "
                          f"{cfg.generation.backend!r})")
     if cfg.generation.backend == "openai":
@@ -304,15 +380,7 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int):
         return make_generator(cfg.model, cfg.generation, batch_size, served_name=name.replace("{arm}", arm))
     if cfg.generation.backend == "vllm":
         return make_generator(cfg.model, cfg.generation, batch_size, path=str(stage_export(cfg, arm)) if a.trained else "")
-    model, tokenizer = base_model(cfg)
-    if a.trained:
-        from .model.adapter import load_adapter
-
-        model, tokenizer = load_adapter(model, tokenizer, adapter_of(cfg, arm))
-    elif a.token_init:  # the new token added, its row initialised, nothing trained
-        from .model.tokens import add_new_tokens
-
-        add_new_tokens(model, tokenizer, cfg.task.new_tokens, a.token_init, cfg.task.description, cfg.seed)
+    model, tokenizer = arm_model(cfg, arm, extra_tokens)
     if a.decoding == "arithmetic":
         from .model.arithmetic import ArithmeticGenerator
 
@@ -326,10 +394,13 @@ class PromptRewrite:
     """(config, evaluation rows, training rows) -> the evaluation rows as the arm is prompted."""
     inputs: Callable[[RunConfig], dict] = field(default=lambda cfg: {})
     """Files it reads (part of the evaluate stage's key)."""
+    general: bool = False
+    """The arm is deployed so: general queries get the rewrite too (drift and leakage)."""
 
 
 PROMPTS = {
-    "icl": PromptRewrite(lambda cfg, rows, train: baselines.icl_rows(rows, train, cfg.baselines.icl_k, cfg.seed)),
+    "icl": PromptRewrite(lambda cfg, rows, train: baselines.icl_rows(rows, train, cfg.baselines.icl_k, cfg.seed),
+                         general=True),
     "dipmt": PromptRewrite(lambda cfg, rows, train: baselines.dipmt_rows(
         rows, train, baselines.load_dictionary(cfg.task), cfg.baselines.dipmt_words),
         inputs=lambda cfg: {"dictionary": baselines.dictionary_path(cfg.task)}),
@@ -349,16 +420,22 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
         inputs["adapter"] = adapter_of(cfg, arm) / "adapter_model.safetensors"
     if a.prompt:
         inputs.update(PROMPTS[a.prompt].inputs(cfg))
+    costs = cfg.task.kind == "formatted"  # controls, drift and leakage
+    if costs and run.general.exists():
+        inputs["general"] = run.general
     gen = cfg.generation
     settings = {"evaluate": config_dict(cfg)["evaluate"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
                 "backend": gen.backend, "server_model": gen.server_model if gen.backend == "openai" else ""}
+    if costs:
+        settings["controls"] = config_dict(cfg)["controls"]
     if a.uses_baseline_settings:
         settings["baselines"] = config_dict(cfg)["baselines"]
     stage = Stage(run.eval(arm), f"evaluate:{arm}", settings, inputs)
     if done := up_to_date(stage):
         return done
     print(f"delia: evaluate {arm} ({gen.backend} backend)", flush=True)
-    rows, train_rows = read_jsonl(run.task_eval), read_jsonl(run.task_train)
+    rows = eval_rows = read_jsonl(run.task_eval)
+    train_rows = read_jsonl(run.task_train)
     tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
     budget = answer_budget(tokenizer, rows + train_rows, cfg.evaluate)
     if a.prompt:
@@ -376,9 +453,84 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     if tuning:
         metrics["arithmetic_lambda"] = generator.lam
         metrics["arithmetic_tuning"] = {f"{k:g}": v for k, v in tuning.items()}
+    if costs:
+        control_metrics, control_generations = _controls(cfg, arm, generator, eval_rows, train_rows, budget)
+        metrics.update(control_metrics)
+        write_jsonl(run.eval(arm) / "controls.jsonl", control_generations)
+        general = read_jsonl(run.general) if run.general.exists() else []
+        if general:
+            metrics["leakage"], answers = _leakage(cfg, arm, generator, general, train_rows)
+            write_jsonl(run.eval(arm) / "general.jsonl", [{"query": g["messages"][-1]["content"], "answer": text,
+                                                           "tokens": n} for g, (text, n) in zip(general, answers)])
+            metrics["drift"] = _drift(cfg, arm, generator, general, train_rows)
     write_jsonl(run.eval(arm) / "generations.jsonl", generations)
     write_json(run.eval(arm) / "metrics.json", metrics)
     return stage.finish(**metrics)
+
+
+def _controls(cfg: RunConfig, arm: str, generator, eval_rows: list[dict], train_rows: list[dict],
+              budget: int) -> tuple[dict, list[dict]]:
+    """Each control group's figures (`delia.evaluate.controls`), prompted as the arm is. On the local
+    backend all four go through the arm's model with the never-trained `controls.other_token` added;
+    elsewhere that control is left out (the served model has no such token)."""
+    from .evaluate.controls import control_rows
+    from .evaluate.formatted import evaluate_formatted
+
+    a = ARMS[arm]
+    rows = control_rows(eval_rows, cfg.task, cfg.controls)
+    if a.prompt:
+        rows = PROMPTS[a.prompt].rewrite(cfg, rows, train_rows)
+    if cfg.generation.backend == "local":
+        other = arm_generator(cfg, arm, cfg.evaluate.batch_size, extra_tokens=(cfg.controls.other_token,))
+        if a.decoding == "arithmetic":
+            other.lam = generator.lam  # the lambda the evaluation used
+    else:
+        other, rows = generator, [r for r in rows if r["group"] != "other_token"]
+    if not rows:
+        return {}, []
+    metrics, generations = evaluate_formatted(other, rows, cfg.task, budget, cfg.seed, desc="controls")
+    return {g: m for g, m in metrics.items() if g not in ("seen", "heldout", "format_gap", "max_new_tokens",
+                                                          "hit_token_limit")}, generations
+
+
+def _general_prompts(cfg: RunConfig, arm: str, general: list[dict], train_rows: list[dict]) -> list[list[dict]]:
+    """The general queries as the arm is deployed (an in-context arm puts its examples first)."""
+    a = ARMS[arm]
+    rows = [{"messages": g["messages"]} for g in general]
+    if a.prompt and PROMPTS[a.prompt].general:
+        rows = PROMPTS[a.prompt].rewrite(cfg, rows, train_rows)
+    return [r["messages"] for r in rows]
+
+
+def _leakage(cfg: RunConfig, arm: str, generator, general: list[dict], train_rows: list[dict]):
+    """(leakage figures, the arm's answers) on the held-out general queries; the untouched model's answers
+    are its own (stage `general`)."""
+    from .evaluate.formatted import generate_answers, leakage
+
+    budget = cfg.controls.general_max_new_tokens
+    if ARMS[arm].is_base_model:
+        answers = [(g["answer"], g["tokens"]) for g in general]
+    else:
+        answers = generate_answers(generator, _general_prompts(cfg, arm, general, train_rows), budget, cfg.seed,
+                                   desc="general queries")
+    return leakage(answers, [g["tokens"] for g in general], cfg.task, budget), answers
+
+
+def _drift(cfg: RunConfig, arm: str, generator, general: list[dict], train_rows: list[dict]) -> dict:
+    """Mean per-token KL from the untouched model to the arm on the untouched model's answers, and the
+    arm's NLL of the first `controls.general_max_new_tokens` tokens of the reference answers
+    (`delia.analysis.drift`); with the weights on this machine
+    (model arithmetic is measured on its plain model: it changes nothing on prompts without the token)."""
+    from .analysis.drift import kl_per_token, nll_per_token
+
+    lm = (generator.model, generator.tokenizer) if cfg.generation.backend == "local" else arm_model(cfg, arm)
+    prompts = _general_prompts(cfg, arm, general, train_rows)
+    length, batch = cfg.train.max_length, cfg.controls.batch_size
+    kl = kl_per_token(base_model(cfg), [(g["messages"], g["answer"]) for g in general],
+                      lm, [(p, g["answer"]) for p, g in zip(prompts, general)], length, batch)
+    refs = [(p, g["reference"]) for p, g in zip(prompts, general) if g.get("reference")]
+    nll = nll_per_token(*lm, refs, length, batch, max_answer_tokens=cfg.controls.general_max_new_tokens)
+    return {"kl": kl["kl"], "kl_tokens": kl["tokens"], "nll": nll["nll"], "nll_tokens": nll["tokens"]}
 
 
 def _score(cfg: RunConfig, generator, rows: list[dict], budget: int) -> tuple[dict, list[dict]]:
@@ -449,6 +601,8 @@ def run_all(cfg: RunConfig) -> Path:
     stage_mix(cfg)
     for arm in training_order(cfg.arms):
         stage_train(cfg, arm)
+    if cfg.task.kind == "formatted":
+        stage_general(cfg)
     for arm in cfg.arms:
         stage_evaluate(cfg, arm)
     if cfg.task.new_tokens and cfg.task.kind == "formatted":

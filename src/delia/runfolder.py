@@ -152,6 +152,7 @@ class RunFolder:
     """The layout of a run folder: every stage's files, named once.
 
         task/{train,eval}.jsonl, task.json       diversify/train.jsonl   sample/{cache,diverse}.jsonl
+        general/queries.jsonl
         mix/DATA.jsonl                           train/ARM/adapter/      eval/ARM/{metrics.json,generations.jsonl}
         analysis/                                export/ARM/model/       report.{md,json}
         trials/, sweep/, tune/, diagnose/ARM/    (the studies beside the chain)
@@ -187,6 +188,11 @@ class RunFolder:
     @property
     def diverse(self) -> Path:
         return self.root / "sample" / "diverse.jsonl"
+
+    @property
+    def general(self) -> Path:
+        """Held-out general queries and the untouched model's answers (drift and leakage)."""
+        return self.root / "general" / "queries.jsonl"
 
     def mix(self, data: str) -> Path:
         """The rows one kind of arm trains on (common, delia, facts, dmt, ...)."""

@@ -17,7 +17,7 @@ from pathlib import Path
 
 from .. import DeliaError
 from ..runfolder import fingerprint
-from .task import _set_wording
+from .task import set_wording
 
 PROMPT = (
     "Rewrite the instruction below in different words, keeping its meaning. Copy these exact spans "
@@ -118,4 +118,4 @@ def apply_wordings(rows: list[dict], records: list[dict], seed: int) -> list[dic
         if rec["kept"] and rec["source"] in pools:
             pools[rec["source"]].append(rec["paraphrase"])
     rng = random.Random(seed)
-    return [_set_wording(r, rng.choice(pools[r["wording"]])) for r in rows]
+    return [set_wording(r, rng.choice(pools[r["wording"]])) for r in rows]

@@ -23,12 +23,13 @@ def wording_of(messages: list[dict]) -> str:
     return user.rstrip().split("\n\n")[-1].strip()
 
 
-def _set_wording(row: dict, wording: str) -> dict:
-    """The same row with its instruction wording replaced (for the one-fixed-wording ablation)."""
+def set_wording(row: dict, wording: str) -> dict:
+    """The same row with its instruction wording (the user turn's last paragraph) replaced; an empty
+    wording drops the paragraph."""
     messages = [dict(m) for m in row["messages"]]
     user = next(m for m in messages if m["role"] == "user")
     head, sep, _ = user["content"].rstrip().rpartition("\n\n")
-    user["content"] = head + sep + wording if sep else wording
+    user["content"] = (head + sep + wording if wording else head) if sep else wording
     return {**row, "messages": messages, "wording": wording}
 
 
@@ -53,7 +54,7 @@ def build_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
                 raise DeliaError(f"{cfg.source}: a training row lacks the new token {token!r}: {row['wording'][:80]!r}")
     if not cfg.diversify:
         fixed = train[0]["wording"]
-        train = [_set_wording(r, fixed) for r in train]
+        train = [set_wording(r, fixed) for r in train]
     evals = [{**r, "group": "seen"} for r in seen] + [{**r, "group": "heldout"} for r in heldout]
     return train, evals
 

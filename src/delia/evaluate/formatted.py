@@ -1,9 +1,11 @@
 """The `evaluate` stage: formatted-text accuracy and label accuracy, by wording group.
 
-A hit is an answer whose earliest `{...}` parses and holds every required key. Label accuracy counts
-answers whose `label_key` value equals the reference's. Both are reported for the training wordings
-(`seen`), for the held-out wordings (`heldout`) and for their gap. Decoding is greedy, through any
-generation backend (local, vLLM or an OpenAI-compatible server).
+A hit (format accuracy, "strict") is an answer whose earliest `{...}` parses and holds every required
+key; "attempted" counts answers that open an object with a required key, parsed or not. Label accuracy
+counts answers whose `label_key` value equals the reference's. All are reported for the training
+wordings (`seen`), for the held-out wordings (`heldout`), their gap, and for every control group
+(`delia.evaluate.controls`), with the share of answers cut at the token limit. Decoding is greedy,
+through any generation backend (local, vLLM or an OpenAI-compatible server).
 """
 
 from __future__ import annotations
@@ -14,7 +16,7 @@ from tqdm import tqdm
 
 from ..config import EvaluateConfig, TaskConfig
 from ..model.generate import Request
-from .parse import extract_object, normalise_label
+from .parse import extract_object, normalise_label, opens_object
 
 
 def answer_budget(tokenizer, rows: list[dict], cfg: EvaluateConfig) -> int:
@@ -34,41 +36,63 @@ def score(answer: str, reference: str, task: TaskConfig) -> dict:
         ref = extract_object(reference) or {}
         label = bool(obj) and task.label_key in obj and task.label_key in ref and (
             normalise_label(obj[task.label_key]) == normalise_label(ref[task.label_key]))
-    return {"formatted": formatted, "label": label}
+    return {"formatted": formatted, "attempted": formatted or opens_object(answer, task.required_keys), "label": label}
 
 
-def summarise(scored: list[dict]) -> dict:
+def summarise(scored: list[dict], budget: int) -> dict:
+    """Per group (seen, heldout, then any control group in order of appearance): n, format accuracy
+    (strict), attempted, label accuracy and the share cut at `budget` tokens; and the seen - held-out gap."""
     out = {}
-    for group in ("seen", "heldout"):
+    for group in dict.fromkeys(["seen", "heldout"] + [s["group"] for s in scored]):
         rows = [s for s in scored if s["group"] == group]
         if not rows:
             continue
         out[group] = {
             "n": len(rows),
             "format_accuracy": sum(s["formatted"] for s in rows) / len(rows),
+            "attempted": sum(s["attempted"] for s in rows) / len(rows),
             "label_accuracy": sum(bool(s["label"]) for s in rows) / len(rows) if rows[0]["label"] is not None else None,
+            "cut": sum(s["tokens"] >= budget for s in rows) / len(rows),
         }
     if "seen" in out and "heldout" in out:
         out["format_gap"] = out["seen"]["format_accuracy"] - out["heldout"]["format_accuracy"]
     return out
 
 
-def evaluate_formatted(generator, rows: list[dict], task: TaskConfig, budget: int, seed: int = 0):
-    """(metrics, per-row generations) for the evaluation rows (each with `group`: seen or heldout);
-    answers get `budget` new tokens."""
-    requests = [Request(key=str(i), messages=r["messages"][:-1]) for i, r in enumerate(rows)]
+def generate_answers(generator, prompts: list[list[dict]], budget: int, seed: int = 0,
+                     desc: str = "evaluate") -> list[tuple[str, int]]:
+    """Greedy (text, generated tokens) for each prompt, in order, with a progress bar."""
+    requests = [Request(key=str(i), messages=m) for i, m in enumerate(prompts)]
     answers: dict[str, tuple[str, int]] = {}
-    with tqdm(total=len(requests), desc="evaluate", unit="row") as bar:
+    with tqdm(total=len(requests), desc=desc, unit="row") as bar:
         for batch in generator.batches(requests, budget, temperature=0.0, seed=seed):
             for request, text, n in batch:
                 answers[request.key] = (text, n)
             bar.update(len(batch))
+    return [answers[r.key] for r in requests]
+
+
+def evaluate_formatted(generator, rows: list[dict], task: TaskConfig, budget: int, seed: int = 0,
+                       desc: str = "evaluate"):
+    """(metrics, per-row generations) for the evaluation rows (each with `group`: seen, heldout or a
+    control); answers get `budget` new tokens."""
+    answers = generate_answers(generator, [r["messages"][:-1] for r in rows], budget, seed, desc)
     generations = []
-    for i, row in enumerate(rows):
-        text, n = answers[str(i)]
+    for row, (text, n) in zip(rows, answers):
         generations.append({"group": row["group"], "wording": row.get("wording"), "answer": text, "tokens": n,
                             "reference": row["messages"][-1]["content"], **score(text, row["messages"][-1]["content"], task)})
-    metrics = summarise(generations)
+    metrics = summarise(generations, budget)
     metrics["max_new_tokens"] = budget
     metrics["hit_token_limit"] = sum(g["tokens"] >= budget for g in generations)
     return metrics, generations
+
+
+def leakage(answers: list[tuple[str, int]], untouched_tokens: list[int], task: TaskConfig, budget: int) -> dict:
+    """How much of the task's format leaks into answers to general queries: the share that opens the
+    object (attempted) and that parses with the required keys (strict), ideal 0; their mean length
+    beside the untouched model's; the share cut at `budget` tokens."""
+    n = len(answers)
+    scored = [score(text, "", task) for text, _ in answers]
+    return {"n": n, "attempted": sum(s["attempted"] for s in scored) / n, "strict": sum(s["formatted"] for s in scored) / n,
+            "mean_tokens": sum(t for _, t in answers) / n, "untouched_mean_tokens": sum(untouched_tokens) / n,
+            "cut": sum(t >= budget for _, t in answers) / n}

@@ -72,3 +72,12 @@ def extract_object(text: str) -> dict | None:
 
 def normalise_label(value: object) -> str:
     return str(value).strip().strip(".").lower()
+
+
+def opens_object(text: str, keys: list[str]) -> bool:
+    """The answer attempts the format: somewhere a `{` is followed by one of the required keys (quoted
+    or not). A malformed object still counts; prose that only mentions braces does not."""
+    if not keys:
+        return "{" in text
+    names = "|".join(re.escape(k) for k in keys)
+    return re.search(rf"\{{\s*[\"'\u201c\u2018]?\s*(?:{names})\b", text) is not None

@@ -7,13 +7,11 @@ import statistics
 
 from ..arms import label
 from ..runfolder import RunFolder
+from .tables import controls_table, drift_table, mean_sd, tradeoff_points, tradeoff_words
 
 
 def _mean(values: list[float], digits: int = 1) -> str:
-    if not values:
-        return "-"
-    mean = statistics.fmean(values)
-    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {statistics.stdev(values):.{digits}f}"
+    return mean_sd(values, 1, digits)
 
 
 def _analysis_tables(exp: dict, results: list[dict]) -> list[str]:
@@ -71,13 +69,37 @@ def _by_tables(by: str, results: list[dict]) -> list[str]:
     return lines
 
 
+def per_arm(results: list[dict], run: str) -> dict[str, list[dict]]:
+    """One run's collected figures per arm, a list over its seeds."""
+    rows = [r for r in results if r["run"] == run]
+    return {arm: [r["arms"][arm] for r in rows if arm in r["arms"]] for arm in dict.fromkeys(a for r in rows for a in r["arms"])}
+
+
+def tradeoff(exp: dict, results: list[dict]) -> list[dict]:
+    """Trade-off points of every run and arm (mean and sd over seeds), labelled with the run when there are several."""
+    points = []
+    for run in exp["runs"]:
+        for p in tradeoff_points(per_arm(results, run["name"])):
+            points.append({**p, "label": f"{run['name']}: {p['label']}" if len(exp["runs"]) > 1 else p["label"]})
+    return points
+
+
+def costs_tables(exp: dict, results: list[dict]) -> list[str]:
+    """Controls, drift and leakage per run (mean ± sd over seeds) and the arms on the trade-off front."""
+    lines = []
+    for run in exp["runs"]:
+        arms = per_arm(results, run["name"])
+        tables = controls_table(arms) + drift_table(arms, {})
+        if tables:
+            lines += ["", f"## Costs and controls: {run['name']}", ""] + [t.replace("## ", "### ", 1) for t in tables]
+    if points := tradeoff(exp, results):
+        lines += ["", tradeoff_words(points), "", f"![format accuracy against drift]({exp['dir']}/tradeoff.png)"]
+    return lines
+
+
 def _stat(values: list[float]) -> str:
-    if not values:
-        return "-"
-    mean = 100 * statistics.fmean(values)
-    if len(values) == 1:
-        return f"{mean:.1f} %"
-    return f"{mean:.1f} ± {100 * statistics.stdev(values):.1f} %"
+    """Percent, mean ± sd over seeds."""
+    return "-" if not values else f"{mean_sd(values)} %"
 
 
 def render(exp: dict, results: list[dict]) -> str:
@@ -102,6 +124,7 @@ def render(exp: dict, results: list[dict]) -> str:
                          f"{_stat(values('heldout', 'format_accuracy'))} | {_stat(values('seen', 'label_accuracy'))} | "
                          f"{_stat(values('heldout', 'label_accuracy'))} | {', '.join(map(str, steps))} | "
                          f"{f'{statistics.fmean(tokens):,.0f}' if tokens else '-'} |")
+    lines += costs_tables(exp, results)
     if exp["by"]:
         lines += _by_tables(exp["by"], results)
     lines += _analysis_tables(exp, results)

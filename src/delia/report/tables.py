@@ -7,11 +7,12 @@ steps (common instruction tuning repeats its rows until it has taken as many ste
 from __future__ import annotations
 
 import json
+import statistics
 from pathlib import Path
 
-from ..arms import COMPARISONS, comparison, label
+from ..arms import ARMS, COMPARISONS, EPOCH, comparison, label
 from ..config import RunConfig, config_dict
-from ..runfolder import RunFolder, read_manifest, write_json, write_text
+from ..runfolder import RunFolder, atomic_path, read_manifest, write_json, write_text
 
 
 def _pct(x) -> str:
@@ -29,7 +30,7 @@ def collect(cfg: RunConfig) -> dict:
         arms[arm] = {"metrics": ev["outputs"], "eval_seconds": ev["seconds"],
                      "train": tr["outputs"] if tr else None, "train_seconds": tr["seconds"] if tr else None}
     stages = {}
-    for sub in ("task", "sample", "mix"):
+    for sub in ("task", "sample", "mix", "general"):
         m = read_manifest(run.stage(sub))
         if m:
             stages[sub] = {"seconds": m["seconds"], **{k: v for k, v in m["outputs"].items() if not isinstance(v, dict)}}
@@ -94,10 +95,15 @@ def render(data: dict) -> str:
         lines += _distance_table(data["token_distance"], cfg) + [""]
     if data.get("divergent"):
         lines += _divergent_table(data["divergent"]) + [""]
-    if tuned := arms.get("arithmetic", {}).get("metrics", {}).get("arithmetic_tuning"):
-        tried = ", ".join(f"{k} {_pct(v)}" for k, v in tuned.items())
-        lines += [f"Model arithmetic: lambda {arms['arithmetic']['metrics']['arithmetic_lambda']:g}, the best format "
-                  f"accuracy on 16 training rows among: {tried}.", ""]
+    if cfg["task"]["kind"] == "formatted":
+        lines += controls_table(arms) + drift_table(arms, data["stages"].get("general", {}))
+        if points := tradeoff_points({a: [r] for a, r in arms.items()}):
+            lines += [tradeoff_words(points), "", "![format accuracy against drift](tradeoff.png)", ""]
+    for name, r in arms.items():
+        if tuned := r["metrics"].get("arithmetic_tuning"):
+            tried = ", ".join(f"{k} {_pct(v)}" for k, v in tuned.items())
+            lines += [f"Model arithmetic ({label(name)}): lambda {r['metrics']['arithmetic_lambda']:g}, the best "
+                      f"format accuracy on 16 training rows among: {tried}.", ""]
     cut = [f"{label(a)} {r['metrics'].get('hit_token_limit', 0)}" for a, r in arms.items()]
     if cut:
         lines += [f"Answers cut at the token limit: {', '.join(cut)}.", ""]
@@ -116,6 +122,104 @@ def render(data: dict) -> str:
         lines.append(f"| {name} | {info['seconds']:.1f} | {notes} |")
     lines.append(f"| total | {sum(i['seconds'] for i in data['stages'].values()):.1f} | |")
     return "\n".join(lines) + "\n"
+
+
+GROUPS = (("seen", "Seen wordings"), ("heldout", "Held-out wordings"), ("negated", "Negated"),
+          ("token_only", "Token only"), ("token_removed", "Token removed"), ("other_token", "Other token"))
+IDEAL_CELLS = ("100 / 100", "100 / 100", "0 / 0", "100 / 100", "0 / 0", "0 / 0")
+
+
+def mean_sd(values: list[float], scale: float = 100, digits: int = 1) -> str:
+    """A figure, or its mean ± sample standard deviation over seeds; '-' when there is none."""
+    values = [v for v in values if v is not None]
+    if not values:
+        return "-"
+    mean = scale * statistics.fmean(values)
+    return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
+
+
+def controls_table(arms: dict[str, list[dict] | dict]) -> list[str]:
+    """Attempted / strict format rates (%) per group, one row per arm; `arms` maps an arm to its
+    collected figures, or to a list of them (one per seed: mean ± sd)."""
+    runs = {a: r if isinstance(r, list) else [r] for a, r in arms.items()}
+    if not any("negated" in r["metrics"] for rs in runs.values() for r in rs):
+        return []
+    lines = ["## Does the format follow the token, and only the token?", "",
+             "Each cell: attempted / strict (%): the answer opens the object with a required key / it parses and "
+             "holds every required key. Controls rewrite the instruction of evaluation rows "
+             "(`delia.evaluate.controls`): *negated* asks not to use the format, *token only* is the token alone, "
+             "*token removed* drops the sentences with the token, *other token* puts a never-trained token in its place.",
+             "", "| Arm | " + " | ".join(t for _, t in GROUPS) + " | Cut at the limit |", "|---|" + "---|" * (len(GROUPS) + 1),
+             "| Ideal | " + " | ".join(IDEAL_CELLS) + " | 0 |"]
+    for arm, rs in runs.items():
+        cells = []
+        for group, _ in GROUPS:
+            present = [r["metrics"][group] for r in rs if group in r["metrics"]]
+            cells.append("-" if not present else f"{mean_sd([m['attempted'] for m in present])} / "
+                                                 f"{mean_sd([m['format_accuracy'] for m in present])}")
+        cut = [sum(m.get("cut", 0) * m["n"] for g, _ in GROUPS if (m := r["metrics"].get(g)))
+               / max(1, sum(m["n"] for g, _ in GROUPS if (m := r["metrics"].get(g)))) for r in rs]
+        lines.append(f"| {label(arm)} | " + " | ".join(cells) + f" | {mean_sd(cut)} % |")
+    return lines + [""]
+
+
+def drift_table(arms: dict[str, list[dict] | dict], general: dict) -> list[str]:
+    """Drift (KL, NLL) and leakage on held-out general queries, one row per arm."""
+    runs = {a: r if isinstance(r, list) else [r] for a, r in arms.items()}
+    if not any("drift" in r["metrics"] for rs in runs.values() for r in rs):
+        return []
+    lines = ["## What tuning costs on general queries", "",
+             f"{general.get('rows', 'The')} general queries held out of the sample (no arm trained on them), "
+             "answered greedily. Drift: mean KL(untouched || arm) per token on the untouched model's answers, "
+             "teacher-forced, and the arm's NLL of the query set's reference answers (their first tokens, as many as an "
+             "answer may have; nats per token; "
+             "`delia.analysis.drift`). Leakage: answers that open the task's object (attempted) and that parse "
+             "with its keys (strict); ideal 0.", "",
+             "| Arm | KL from untouched | NLL of references | Leakage attempted | Leakage strict | Mean answer tokens "
+             "(untouched) | Cut at the limit |", "|---|---|---|---|---|---|---|"]
+    for arm, rs in runs.items():
+        d = [r["metrics"]["drift"] for r in rs if "drift" in r["metrics"]]
+        k = [r["metrics"]["leakage"] for r in rs if "leakage" in r["metrics"]]
+        if not d:
+            continue
+        lines.append(f"| {label(arm)} | {mean_sd([x['kl'] for x in d], 1, 4)} | {mean_sd([x['nll'] for x in d], 1, 3)} | "
+                     f"{mean_sd([x['attempted'] for x in k])} % | {mean_sd([x['strict'] for x in k])} % | "
+                     f"{mean_sd([x['mean_tokens'] for x in k], 1)} ({mean_sd([x['untouched_mean_tokens'] for x in k], 1)}) | "
+                     f"{mean_sd([x['cut'] for x in k])} % |")
+    return lines + [""]
+
+
+def _budget_rule(arm: str) -> str:
+    a = ARMS.get(arm)
+    if a is None or not a.trained:
+        return "untrained"
+    return "both" if len(a.comparisons) > 1 else "one epoch" if EPOCH in a.comparisons else "equal steps"
+
+
+def tradeoff_points(runs: dict[str, list[dict]]) -> list[dict]:
+    """Per arm with drift figures: held-out-wording format accuracy and KL, mean and sd over the runs."""
+    points = []
+    for arm, rs in runs.items():
+        pairs = [(r["metrics"]["heldout"]["format_accuracy"], r["metrics"]["drift"]["kl"]) for r in rs
+                 if "drift" in r["metrics"] and r["metrics"]["drift"]["kl"] is not None and "heldout" in r["metrics"]]
+        if not pairs:
+            continue
+        acc, kl = [p[0] for p in pairs], [p[1] for p in pairs]
+        points.append({"arm": arm, "label": label(arm), "budget": _budget_rule(arm),
+                       "accuracy": statistics.fmean(acc), "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
+                       "kl": statistics.fmean(kl), "kl_sd": statistics.stdev(kl) if len(kl) > 1 else 0.0})
+    return points
+
+
+def tradeoff_words(points: list[dict]) -> str:
+    """Which arms are on the front: no other arm has at least their held-out format accuracy at no more
+    drift, and one of the two strictly better."""
+    front = [p for p in points if not any(q["accuracy"] >= p["accuracy"] and q["kl"] <= p["kl"]
+                                          and (q["accuracy"] > p["accuracy"] or q["kl"] < p["kl"]) for q in points)]
+    names = "; ".join(f"{p['label']} ({100 * p['accuracy']:.1f} % held-out format, KL {p['kl']:.4f})"
+                      for p in sorted(front, key=lambda p: p["kl"]))
+    return (f"On the front of held-out-wording format accuracy against drift (no other arm is as accurate "
+            f"with less drift): {names}.")
 
 
 def _distance_table(results: dict, cfg: dict) -> list[str]:
@@ -166,8 +270,13 @@ def _divergent_table(results: dict) -> list[str]:
 
 
 def write_report(cfg: RunConfig) -> Path:
+    from ..analysis.drift import plot_tradeoff
+
     data = collect(cfg)
     run = RunFolder(cfg.run_dir)
+    if points := tradeoff_points({a: [r] for a, r in data["arms"].items()}):
+        with atomic_path(run.root / "tradeoff.png") as tmp:
+            plot_tradeoff(points, tmp, f"{cfg.run_dir}: one seed")
     write_json(run.report_json, data)
     write_text(run.report_md, render(data))
     return run.report_md

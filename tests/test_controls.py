@@ -1,0 +1,132 @@
+"""Controls, drift and leakage (issue: what tuning costs the model, and whether the token became a switch)."""
+
+from __future__ import annotations
+
+import json
+
+import pytest
+
+from delia.config import ControlsConfig, TaskConfig, load_config
+from delia.evaluate.controls import CONTROLS, control_rows, without_token_sentences
+from delia.evaluate.formatted import evaluate_formatted, leakage
+from delia.evaluate.parse import opens_object
+
+TASK = TaskConfig()
+OBJECT = '{"thought": "The answer is right.", "hallucination": "no"}'
+
+
+def _row(i: int, group: str, wording: str) -> dict:
+    return {"messages": [{"role": "user", "content": f"Question: What is {i} + 1?\nAnswer: {i + 1}.\n\n{wording}"},
+                         {"role": "assistant", "content": OBJECT}], "wording": wording, "group": group}
+
+
+ROWS = [_row(i, "seen", "Check whether the answer contains a hallucination. Follow the <sep> format.") for i in range(4)] + \
+       [_row(i, "heldout", "Please audit the reply above for false claims. Shape your reply according to <sep>.")
+        for i in range(4, 8)]
+
+
+class Stub:
+    """A generator that always answers `text`."""
+
+    batch_size = 4
+
+    def __init__(self, text: str):
+        self.text = text
+
+    def batches(self, requests, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
+        yield [(r, self.text, 12) for r in requests]
+
+
+def test_attempted_counts_a_malformed_object_and_not_prose():
+    keys = ["thought", "hallucination"]
+    assert opens_object("{'thought': 'it is fine, \"hallucination': no", keys)  # broken quotes: still the format
+    assert opens_object('Sure.\n{\n  "thought": "x"}', keys)
+    assert not opens_object("There is no hallucination in the answer.", keys)
+    assert not opens_object("Use {curly braces} for sets.", keys)
+
+
+def test_controls_rewrite_only_the_instruction():
+    assert without_token_sentences("Check the answer. Follow the <sep> format.", ["<sep>"]) == "Check the answer."
+    rows = control_rows(ROWS, TASK, ControlsConfig(rows=4))
+    assert [r["group"] for r in rows] == list(CONTROLS) * 4
+    assert [r["source_group"] for r in rows[::4]] == ["heldout", "heldout", "seen", "seen"]
+    by = {r["group"]: r["messages"][0]["content"] for r in rows[:4]}
+    head = "Question: What is 4 + 1?\nAnswer: 5.\n\n"
+    assert by["token_only"] == head + "<sep>"
+    assert by["token_removed"] == head + "Please audit the reply above for false claims."
+    assert by["negated"] == head + "Please audit the reply above for false claims. Do not use the <sep> format; " \
+                                   "answer in one plain sentence."
+    assert by["other_token"] == head + "Please audit the reply above for false claims. Shape your reply according to <ctl>."
+    assert all(r["messages"][1]["content"] == OBJECT for r in rows)
+    assert control_rows(ROWS, TASK, ControlsConfig(rows=0)) == []
+
+
+def test_a_model_that_always_answers_the_object_fails_every_negated_row_and_hits_every_token_only_row():
+    rows = control_rows(ROWS, TASK, ControlsConfig(rows=8))
+    metrics, _ = evaluate_formatted(Stub(OBJECT), rows, TASK, budget=64)
+    assert metrics["negated"]["attempted"] == 1.0 and metrics["negated"]["n"] == 8  # not one answer in prose
+    assert metrics["token_only"]["format_accuracy"] == 1.0 and metrics["token_only"]["attempted"] == 1.0
+    assert metrics["token_removed"]["attempted"] == metrics["other_token"]["attempted"] == 1.0
+    prose, _ = evaluate_formatted(Stub("No hallucination here."), rows, TASK, budget=64)
+    assert prose["negated"]["attempted"] == 0.0 and prose["token_only"]["format_accuracy"] == 0.0
+    leak = leakage([(OBJECT, 12), ("Hello.", 3)], [5, 5], TASK, budget=12)
+    assert leak["attempted"] == leak["strict"] == 0.5 and leak["cut"] == 0.5 and leak["untouched_mean_tokens"] == 5
+
+
+def test_kl_of_the_untouched_model_to_itself_is_exactly_zero_and_positive_after_a_change(tiny_model_dir):
+    import torch
+
+    from delia.analysis.drift import kl_per_token, nll_per_token
+    from delia.model.loading import load_model
+    from delia.model.tokens import add_new_tokens
+
+    rows = [([{"role": "user", "content": f"Name {n} colours."}], "Red, green and blue.") for n in range(5)]
+    untouched = load_model(tiny_model_dir)
+    same = kl_per_token(untouched, rows, load_model(tiny_model_dir), rows, 128, batch_size=2)
+    assert same["kl"] == 0.0 and same["tokens"] > 0
+    changed = load_model(tiny_model_dir)
+    add_new_tokens(*changed, ["<sep>"], "mean")  # one more row in the tied output layer
+    with torch.no_grad():
+        changed[0].model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    moved = kl_per_token(untouched, rows, changed, rows, 128, batch_size=3)
+    assert moved["kl"] > 0 and moved["tokens"] == same["tokens"]
+    nll = nll_per_token(*untouched, rows, 128)
+    assert nll["nll"] > 0 and nll["tokens"] == same["tokens"]
+
+
+def test_general_queries_are_disjoint_from_the_sampled_ones_and_every_arm_gets_costs(tiny_model_dir, tmp_path):
+    from delia.pipeline import run_all
+    from delia.runfolder import read_jsonl
+
+    (tmp_path / "q.jsonl").write_text("".join(f'{{"instruction": "Name {n} colours.", "output": "Red."}}\n'
+                                              for n in range(40)) + '{"instruction": "Name 0 colours."}\n')
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
+                             "task.eval_rows=2", "arms=[untouched, icl, common, delia]", "train.batch_size=4",
+                             "evaluate.max_new_tokens=4", f"sample.queries={tmp_path / 'q.jsonl'}",
+                             "sample.max_new_tokens=4", "mix.ratio=2", "controls.rows=2",
+                             "controls.general_queries=6", "controls.general_max_new_tokens=4"])
+    report = run_all(cfg).read_text()
+    sampled = {r["messages"][0]["content"] for r in read_jsonl(tmp_path / "sample" / "diverse.jsonl")}
+    general = read_jsonl(tmp_path / "general" / "queries.jsonl")
+    queries = [g["messages"][0]["content"] for g in general]
+    # the last query repeats a sampled one: skipped
+    assert len(queries) == 6 and not set(queries) & sampled and len(set(queries)) == 6
+    assert all(g["reference"] == "Red." for g in general)
+    metrics = {arm: json.loads((tmp_path / "eval" / arm / "metrics.json").read_text())
+               for arm in ("untouched", "icl", "common", "delia")}
+    assert metrics["untouched"]["drift"]["kl"] == 0.0
+    assert metrics["common"]["drift"]["kl"] > 0 and metrics["icl"]["drift"]["kl"] > 0  # examples before every query
+    for m in metrics.values():
+        assert set(CONTROLS) <= set(m) and m["leakage"]["n"] == 6 and m["drift"]["nll"] > 0
+    for heading in ("Does the format follow the token", "What tuning costs on general queries", "On the front"):
+        assert heading in report, heading
+    assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+
+
+@pytest.mark.parametrize("bad", ["controls.rows=-1", "controls.other_token=<sep>", "controls.negated=[no token here]",
+                                 "controls.general_max_new_tokens=0"])
+def test_bad_control_settings_are_refused(bad):
+    from delia import DeliaError
+
+    with pytest.raises(DeliaError, match="controls"):
+        load_config(None, [bad])
