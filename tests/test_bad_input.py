@@ -252,3 +252,83 @@ def test_any_override_ends_in_an_answer(key, value):
     finally:
         signal.alarm(0)
         signal.signal(signal.SIGALRM, old)
+
+
+@pytest.mark.parametrize("override,words", [
+    ("train.lora_r=0", "'train.lora_r': must be >= 1, got 0"), ("train.learning_rate=-1e-3", "must be > 0"),
+    ("train.epochs=0", "'train.epochs': must be > 0"), ("seed=4294967296", "'seed': must be >= 0 and <= 4294967295"),
+    ("sample.temperature=-0.1", "'sample.temperature': must be >= 0"), ("sample.top_p=1.5", "<= 1"),
+    ("sample.max_new_tokens=-5", "'sample.max_new_tokens': must be >= 1"), ("task.train_rows=-1", "must be >= 0"),
+    ("mix.ratio=.nan", "'mix.ratio': must be a finite number"), ("mix.ratio=.inf", "must be a finite number"),
+    ("sample.batch_size=0", "'sample.batch_size': must be >= 1"), ("model.dtype=fp8", "'model.dtype': expected one of"),
+    ("task.new_tokens=['  ']", "'task.new_tokens[0]': must not be empty"), ("arms=[]", "'arms': must not be empty"),
+    ("run_dir=/", "'run_dir': '/' is the filesystem root"), ("run_dir=..", "the current folder or one above it"),
+    ("run_dir=''", "'run_dir': must not be empty"), ("sweep.ratios=[1, -2]", "'sweep.ratios[1]': must be >= 0"),
+])
+def test_values_outside_their_domain_are_refused_before_any_work(tmp_path, override, words):
+    """Each field's domain is declared with it and checked when the config loads: one line, status 2,
+    nothing written (the run folder is not even made)."""
+    code, err = _delia("run", "configs/demo.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set", override)
+    assert code == 2 and err.count("\n") == 1 and words in err and err.startswith(f"delia: error: --set {override}"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_yaml_that_expands_explosively_is_refused_at_once(tmp_path):
+    import time
+
+    lines = ['a0: &a0 ["x", "x", "x", "x", "x", "x", "x", "x", "x"]']
+    lines += [f"a{i}: &a{i} [" + ", ".join([f"*a{i - 1}"] * 9) + "]" for i in range(1, 9)] + ["seed: *a8"]
+    (tmp_path / "bomb.yaml").write_text("\n".join(lines) + "\n")
+    started = time.time()
+    code, err = _delia("task", str(tmp_path / "bomb.yaml"))
+    assert code == 2 and "expands to more than 100,000 values" in err and time.time() - started < 5, err
+
+
+def test_experiment_run_names_are_folders_as_written(tmp_path):
+    from delia.experiment import run_configs
+
+    exp = {"base": str(Path("configs/demo.yaml").resolve()), "dir": str(tmp_path), "seeds": [0, 1], "set": [],
+           "runs": [{"name": "lr #1"}, {"name": "lr #2"}], "by": None}
+    dirs = [cfg.run_dir for _, _, cfg in run_configs(exp)]
+    assert dirs == [str(tmp_path / n / f"seed-{s}") for n in ("lr #1", "lr #2") for s in (0, 1)]
+
+
+ROW = json.dumps({"messages": [{"role": "user", "content": USER}, {"role": "assistant", "content": ANSWER}]})
+
+
+@pytest.mark.parametrize("name,data,words", [
+    ("surrogate.jsonl", (ROW + "\n") * 3 + ROW.replace("apple", "app\\ud800le") + "\n", ":4: not Unicode text"),
+    ("deep.jsonl", ROW + "\n" + "[" * 50000 + "]" * 50000 + "\n", ":2: invalid JSON: nested too deeply"),
+    ("deep.json", "[" + "[" * 50000 + "]" * 50000 + "]\n", ":1: invalid JSON: nested too deeply"),
+    ("bigint.jsonl", '{"messages": ' + "7" * 5000 + "}\n", ":1: invalid JSON: Exceeds the limit"),
+])
+def test_any_bytes_in_a_task_file_end_in_one_line(tmp_path, name, data, words):
+    """JSON that parses but is not text, or that Python's parser refuses for its depth or size: one line
+    with the file and line, status 2, no run folder (a lone surrogate once failed only when written)."""
+    (tmp_path / name).write_text(data)
+    (tmp_path / "c.yaml").write_text(f"run_dir: {tmp_path / 'run'}\ntask:\n  source: {tmp_path / name}\n")
+    code, err = _delia("task", str(tmp_path / "c.yaml"))
+    assert code == 2 and err.count("\n") == 1 and f"{tmp_path / name}{words}" in err, err
+    assert not (tmp_path / "run").exists()
+
+
+def test_a_folder_or_a_link_loop_is_named_as_what_it_is(tmp_path):
+    (tmp_path / "folder").mkdir()
+    (tmp_path / "a").symlink_to(tmp_path / "b")
+    (tmp_path / "b").symlink_to(tmp_path / "a")
+    for source, words in (("folder", "is a folder, not a file"), ("a", "symbolic link that leads nowhere")):
+        (tmp_path / "c.yaml").write_text(f"run_dir: {tmp_path / 'run'}\ntask:\n  source: {tmp_path / source}\n")
+        code, err = _delia("task", str(tmp_path / "c.yaml"))
+        assert code == 2 and err.count("\n") == 1 and words in err, err
+
+
+def test_a_corrupt_cache_line_names_the_cache_and_the_line(task_run):
+    cache = task_run / "sample" / "cache.jsonl"
+    cache.parent.mkdir(exist_ok=True)
+    kept = cache.read_text() if cache.exists() else ""
+    try:
+        cache.write_text('{"key": "k", "answer": "a", "tokens": 1}\n{"key": \n')
+        code, err = _delia("sample", str(task_run / "c.yaml"))
+        assert code == 2 and err.count("\n") == 1 and f"{cache}:2: invalid JSON" in err, err
+    finally:
+        cache.write_text(kept)

@@ -1,7 +1,6 @@
 """The offline English-Icelandic corpus: gettext catalogs and a dictd dictionary inside .deb files
 built here with dpkg-deb, read through the same code as Debian's packages."""
 
-import base64
 import gzip
 import json
 import shutil

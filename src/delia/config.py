@@ -3,16 +3,51 @@
 from __future__ import annotations
 
 import dataclasses
+import math
 import re
 import typing
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any, Literal
+from typing import Annotated, Any, Literal
 
 import yaml
 
 from . import DeliaError
 from .arms import ARMS
+
+
+@dataclass(frozen=True)
+class Range:
+    """A number's domain, declared with its field: `lora_r: Annotated[int, AtLeastOne] = 16`."""
+
+    low: float | None = None
+    high: float | None = None
+    open_low: bool = False
+    """The low end itself is outside (a learning rate above 0)."""
+
+    def check(self, value, where: str, path: str) -> None:
+        low_ok = self.low is None or (value > self.low if self.open_low else value >= self.low)
+        if not (low_ok and (self.high is None or value <= self.high)):
+            low = "" if self.low is None else f"{'>' if self.open_low else '>='} {self.low}"
+            high = "" if self.high is None else f"<= {self.high}"
+            raise DeliaError(f"{path}: '{where}': must be {' and '.join(x for x in (low, high) if x)}, got {value!r}")
+
+
+class NonEmpty:
+    """A string with a non-blank character, or a list with an item."""
+
+    @staticmethod
+    def check(value, where: str, path: str) -> None:
+        if not (value.strip() if isinstance(value, str) else value):
+            raise DeliaError(f"{path}: '{where}': must not be empty")
+
+
+NonNegative = Range(0)
+Positive = Range(0, open_low=True)
+AtLeastOne = Range(1)
+Share = Range(0, 1)
+Seed = Range(0, 2**32 - 1)
+Cosine = Range(-1, 1)
 
 
 @dataclass
@@ -37,15 +72,15 @@ class GenerationConfig:
     HTTP, put `{arm}` in it: each arm asks for its own model (e.g. `delia serve --name delia --adapter ...`)."""
     api_key_env: str = ""
     """For `openai`: the name of the environment variable holding the API key (never the key itself)."""
-    concurrency: int = 8
-    max_retries: int = 6
-    timeout: float = 120.0
+    concurrency: Annotated[int, AtLeastOne] = 8
+    max_retries: Annotated[int, NonNegative] = 6
+    timeout: Annotated[float, Positive] = 120.0
     """Seconds per request before it counts as failed and is retried."""
-    tensor_parallel_size: int = 1
+    tensor_parallel_size: Annotated[int, AtLeastOne] = 1
     """For `vllm`: GPUs per model (tensor parallelism)."""
-    gpu_memory_utilization: float = 0.9
+    gpu_memory_utilization: Annotated[float, Range(0, 1, open_low=True)] = 0.9
     """For `vllm`: share of each GPU's memory the engine may take."""
-    vllm_batch_size: int = 1024
+    vllm_batch_size: Annotated[int, AtLeastOne] = 1024
     """For `vllm`: requests handed to the engine at once (and written to the cache together)."""
 
 
@@ -65,15 +100,15 @@ class TaskConfig:
     eval_source: str = ""
     """For `translation`: where the evaluation pairs come from, in the same forms (e.g. sacrebleu:wmt21);
     empty = the source's test part (for a single file, 2 x eval_rows of its pairs held out)."""
-    train_rows: int = 48
+    train_rows: Annotated[int, NonNegative] = 48
     """Training rows: for `demo`, how many to generate; for a file, at most this many (0 = all not held out)."""
-    eval_rows: int = 24
+    eval_rows: Annotated[int, AtLeastOne] = 24
     """Evaluation rows per wording group (seen and held-out wordings); for a file, an upper bound."""
-    heldout_wording_fraction: float = 0.2
+    heldout_wording_fraction: Annotated[float, Range(0, 1)] = 0.2
     """For a file: the share of distinct instruction wordings whose rows are held out of training."""
     diversify: bool = True
     """Train on many wordings of the instruction. False = one fixed wording (the ablation)."""
-    new_tokens: list[str] = field(default_factory=lambda: ["<sep>"])
+    new_tokens: list[Annotated[str, NonEmpty]] = field(default_factory=lambda: ["<sep>"])
     """Special tokens added to the tokenizer and trained (their embedding rows)."""
     description: str = "a JSON object with the keys thought and hallucination"
     """The prior description of what the new token stands for (used for `description` init and analyses)."""
@@ -91,49 +126,49 @@ class SampleConfig:
     """`alpaca_en_demo` (999 Alpaca queries from the LLaMA-Factory sdist on PyPI) or a file of queries."""
     prompt_style: Literal["plain", "reference"] = "plain"
     """`plain`: the query alone. `reference`: the dataset's answer in an earlier turn, then the query again."""
-    max_new_tokens: int = 256
-    temperature: float = 0.7
-    top_p: float = 0.95
-    batch_size: int = 16
-    max_queries: int = 0
+    max_new_tokens: Annotated[int, AtLeastOne] = 256
+    temperature: Annotated[float, NonNegative] = 0.7
+    top_p: Annotated[float, Range(0, 1, open_low=True)] = 0.95
+    batch_size: Annotated[int, AtLeastOne] = 16
+    max_queries: Annotated[int, NonNegative] = 0
     """0 = as many as `mix.ratio` needs."""
 
 
 @dataclass
 class DiversifyConfig:
-    paraphrases: int = 0
+    paraphrases: Annotated[int, NonNegative] = 0
     """Paraphrases asked per distinct training wording (0 = stage off; the task's own wordings are used)."""
-    temperature: float = 0.9
-    top_p: float = 0.95
-    max_new_tokens: int = 96
-    batch_size: int = 16
-    min_similarity: float = 0.6
+    temperature: Annotated[float, NonNegative] = 0.9
+    top_p: Annotated[float, Range(0, 1, open_low=True)] = 0.95
+    max_new_tokens: Annotated[int, AtLeastOne] = 96
+    batch_size: Annotated[int, AtLeastOne] = 16
+    min_similarity: Annotated[float, Cosine] = 0.6
     """Keep a paraphrase only if its cosine similarity with the original is at least this..."""
-    max_similarity: float = 0.98
+    max_similarity: Annotated[float, Cosine] = 0.98
     """...and at most this (near-copies add no diversity)."""
 
 
 @dataclass
 class MixConfig:
-    ratio: float = 3.0
+    ratio: Annotated[float, NonNegative] = 3.0
     """Diverse rows per task row (paper: 100 to 520)."""
 
 
 @dataclass
 class TrainConfig:
-    lora_r: int = 16
-    lora_alpha: int = 16
-    lora_dropout: float = 0.05
-    target_modules: list[str] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
-    learning_rate: float = 2e-4
-    epochs: float = 1.0
-    batch_size: int = 0
+    lora_r: Annotated[int, AtLeastOne] = 16
+    lora_alpha: Annotated[int, AtLeastOne] = 16
+    lora_dropout: Annotated[float, Range(0, 1)] = 0.05
+    target_modules: Annotated[list[Annotated[str, NonEmpty]], NonEmpty] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
+    learning_rate: Annotated[float, Positive] = 2e-4
+    epochs: Annotated[float, Positive] = 1.0
+    batch_size: Annotated[int, NonNegative] = 0
     """Effective batch (rows per optimizer step). 0 = the paper's rule: 64, or 16 under 256 rows."""
-    micro_batch_size: int = 4
+    micro_batch_size: Annotated[int, AtLeastOne] = 4
     """Rows per forward pass; the rest is gradient accumulation."""
-    warmup_ratio: float = 0.03
+    warmup_ratio: Annotated[float, Range(0, 1)] = 0.03
     lr_scheduler: str = "constant_with_warmup"
-    max_length: int = 512
+    max_length: Annotated[int, Range(8)] = 512
     """Longer rows are truncated."""
     sampling: Literal["batch_rebalance", "random"] = "batch_rebalance"
     """How each optimizer step's rows are split into micro-batches: `batch_rebalance` (transformers'
@@ -143,7 +178,7 @@ class TrainConfig:
     on one process has nothing to rebalance and keeps the Trainer's order either way."""
     gradient_checkpointing: bool = False
     """Recompute activations in the backward pass: less memory (long rows, large models), slower steps."""
-    save_steps: int = 50
+    save_steps: Annotated[int, NonNegative] = 50
     """Checkpoint every N optimizer steps (adapter, optimizer, data position), so a killed `train` resumes
     where it stopped; 0 = no checkpoints. Removed when training ends."""
     token_init: Literal["random", "mean", "description"] = "random"
@@ -153,14 +188,14 @@ class TrainConfig:
     new_token_mode: Literal["trainable_tokens", "lora", "full"] = "trainable_tokens"
     """`trainable_tokens` (only the new rows, peft trainable_token_indices), `lora` (a LoRA on the
     embedding, as the paper's reference code) or `full` (the whole embedding, peft modules_to_save)."""
-    new_token_lr: float = 0.0
+    new_token_lr: Annotated[float, NonNegative] = 0.0
     """A separate learning rate for the embedding parameters that train (0 = learning_rate)."""
 
 
 @dataclass
 class EvaluateConfig:
-    batch_size: int = 16
-    max_new_tokens: int = 0
+    batch_size: Annotated[int, AtLeastOne] = 16
+    max_new_tokens: Annotated[int, NonNegative] = 0
     """0 = 1.5x the longest reference answer in tokens (answers must be able to finish)."""
 
 
@@ -178,51 +213,51 @@ class ControlsConfig:
     """What tuning costs and whether the new token became a switch (formatted tasks; see
     `delia.evaluate.controls` and `delia.analysis.drift`)."""
 
-    rows: int = 12
+    rows: Annotated[int, NonNegative] = 12
     """Evaluation rows each control is built from (half held-out wordings, half seen); 0 = no controls."""
     negated: list[str] = field(default_factory=lambda: list(NEGATED))
     """Instructions for the `negated` control ({token} = the new token), taken in turn row by row."""
-    other_token: str = "<ctl>"
+    other_token: Annotated[str, NonEmpty] = "<ctl>"
     """The `other token` control's token: added like the new tokens but never trained."""
-    general_queries: int = 64
+    general_queries: Annotated[int, NonNegative] = 64
     """General queries held out of `sample` (from the end of its query source) for drift and leakage; 0 = none."""
-    general_max_new_tokens: int = 32
+    general_max_new_tokens: Annotated[int, AtLeastOne] = 32
     """New tokens per answer to a general query (the untouched model's answers and each arm's), and of each
     reference answer scored for NLL: enough to see whether an answer opens the task's object, and short
     enough that the demo's costs stay within minutes."""
-    batch_size: int = 16
+    batch_size: Annotated[int, AtLeastOne] = 16
 
 
 @dataclass
 class BaselinesConfig:
-    icl_k: int = 3
+    icl_k: Annotated[int, NonNegative] = 3
     """`icl` arm: training rows shown before each evaluation prompt."""
     arithmetic_lambda: float = 1.0
     """`arithmetic` arm: lambda in M_desc + lambda (M_desc - M_plain)."""
     arithmetic_lambdas: list[float] = field(default_factory=list)
     """`arithmetic` arm: when set, lambdas to choose from by format accuracy on 16 training rows (this arm
     trains on nothing, so the training rows are its development set); replaces arithmetic_lambda."""
-    neftune_alpha: float = 5.0
+    neftune_alpha: Annotated[float, NonNegative] = 5.0
     """`neftune` arm: noise scale on the input embeddings during training (common instruction tuning + noise)."""
     facts: list[str] = field(default_factory=list)
     """`facts` arm: atomic facts about the new token (empty = from task.description and task.required_keys)."""
-    rows_per_fact: int = 4
+    rows_per_fact: Annotated[int, AtLeastOne] = 4
     """`facts` arm: question-answer rows made from each fact."""
-    dipmt_words: int = 3
+    dipmt_words: Annotated[int, NonNegative] = 3
     """`dipmt` arm: dictionary hints per source sentence (its rarest words in the training sources)."""
-    dmt_task_fraction: float = 0.125
+    dmt_task_fraction: Annotated[float, Share] = 0.125
     """`dmt` arm (stage 2): share of the task rows mixed back into the diverse rows."""
 
 
 @dataclass
 class SweepConfig:
-    ratios: list[float] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0])
+    ratios: Annotated[list[Annotated[float, NonNegative]], NonEmpty] = field(default_factory=lambda: [0.0, 1.0, 2.0, 4.0, 8.0])
     """Diverse ratios tried by `delia sweep` (one epoch each) and `delia tune-ratio` (successive halving)."""
-    rungs: int = 3
+    rungs: Annotated[int, AtLeastOne] = 3
     """tune-ratio: rounds of halving; the last trains one epoch, each earlier one 1/eta as long."""
-    eta: int = 2
+    eta: Annotated[int, Range(2)] = 2
     """tune-ratio: keep the best 1/eta of the candidates after each rung."""
-    bootstrap: int = 1000
+    bootstrap: Annotated[int, AtLeastOne] = 1000
     """tune-ratio: paired bootstrap resamples of the held-out rows for the confidence of the pick."""
     budget: Literal["epoch", "steps"] = "epoch"
     """`epoch`: each ratio trains (a fraction of) its own epoch, as the paper (more diverse rows, more
@@ -231,9 +266,9 @@ class SweepConfig:
 
 @dataclass
 class RunConfig:
-    run_dir: str = "runs/demo"
-    seed: int = 0
-    arms: list[str] = field(default_factory=lambda: ["untouched", "common", "delia", "common_equal_steps"])
+    run_dir: Annotated[str, NonEmpty] = "runs/demo"
+    seed: Annotated[int, Seed] = 0
+    arms: Annotated[list[str], NonEmpty] = field(default_factory=lambda: ["untouched", "common", "delia", "common_equal_steps"])
     """Which rows the report holds: untouched, common (1 epoch), delia, common_equal_steps, and the
     baselines icl, init_random, init_mean, init_description, arithmetic, neftune, facts, dmt; common,
     neftune, facts and dmt also as ARM_equal_steps (as many optimizer steps as delia; dmt's two stages
@@ -257,7 +292,7 @@ NEW_TOKEN_MODES = typing.get_args(typing.get_type_hints(TrainConfig)["new_token_
 def _build(cls, data: Any, where: str, path: str):
     if not isinstance(data, dict):
         raise DeliaError(f"{path}: '{where}': expected a mapping, got {type(data).__name__}")
-    hints = typing.get_type_hints(cls)
+    hints = typing.get_type_hints(cls, include_extras=True)
     names = {f.name for f in dataclasses.fields(cls)}
     kwargs = {}
     for key, value in data.items():
@@ -274,6 +309,12 @@ def _build(cls, data: Any, where: str, path: str):
 
 def _check(value: Any, hint: Any, where: str, path: str) -> Any:
     origin = typing.get_origin(hint)
+    if origin is Annotated:  # a type and its domain
+        base, *rules = typing.get_args(hint)
+        value = _check(value, base, where, path)
+        for rule in rules:
+            rule.check(value, where, path)
+        return value
     if origin is Literal:  # a fixed set of choices, declared with the field
         choices = typing.get_args(hint)
         if value in choices and isinstance(value, str):
@@ -287,9 +328,13 @@ def _check(value: Any, hint: Any, where: str, path: str) -> Any:
     if hint is float and not isinstance(value, bool):
         # YAML 1.1 reads `2e-4` (no dot) as a string; accept any number written as text.
         try:
-            return float(value)
-        except (TypeError, ValueError):
-            pass
+            number = float(value)
+        except (TypeError, ValueError, OverflowError):
+            number = None
+        if number is not None and math.isfinite(number):
+            return number
+        if number is not None or isinstance(value, (int, float)):
+            raise DeliaError(f"{path}: '{where}': must be a finite number, got {value!r}")
     elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise DeliaError(f"{path}: '{where}': expected {hint.__name__}, got {value!r}")
@@ -303,23 +348,20 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         if cfg.task.kind not in ARMS[name].task_kinds:
             raise DeliaError(f"{path}: 'arms': {name} is for {' or '.join(ARMS[name].task_kinds)} tasks "
                              f"(task.kind is {cfg.task.kind!r})")
+    run_dir = Path(cfg.run_dir).expanduser().resolve()
+    if run_dir == Path(run_dir.anchor) or run_dir in (Path.cwd(), *Path.cwd().parents):
+        raise DeliaError(f"{path}: 'run_dir': {cfg.run_dir!r} is the filesystem root, the current folder or one "
+                         "above it; a run folder holds one run's files (e.g. runs/demo)")
     if cfg.task.kind == "translation" and cfg.task.source == "demo":
         raise DeliaError(f"{path}: 'task.source': a translation task reads pairs (e.g. data/en-is from `delia data en-is`)")
     if cfg.baselines.arithmetic_lambdas and cfg.task.kind != "formatted":
         raise DeliaError(f"{path}: 'baselines.arithmetic_lambdas': tuned by format accuracy, so formatted tasks only")
     if cfg.generation.backend == "openai" and not cfg.generation.base_url:
         raise DeliaError(f"{path}: 'generation.base_url': the openai backend needs the server's URL")
-    if not cfg.sweep.ratios or min(cfg.sweep.ratios) < 0 or cfg.sweep.rungs < 1 or cfg.sweep.eta < 2:
-        raise DeliaError(f"{path}: 'sweep': ratios must be a non-empty list of numbers >= 0, rungs >= 1, eta >= 2")
-    for name, least in (("rows", 0), ("general_queries", 0), ("general_max_new_tokens", 1), ("batch_size", 1)):
-        if getattr(cfg.controls, name) < least:
-            raise DeliaError(f"{path}: 'controls.{name}': must be >= {least}, got {getattr(cfg.controls, name)}")
     if cfg.controls.other_token in cfg.task.new_tokens or not cfg.controls.other_token.strip():
         raise DeliaError(f"{path}: 'controls.other_token': must be a non-empty token other than the new tokens")
     if cfg.controls.rows and not all("{token}" in t for t in cfg.controls.negated) or not cfg.controls.negated:
         raise DeliaError(f"{path}: 'controls.negated': a non-empty list of instructions, each with {{token}}")
-    if cfg.mix.ratio < 0:
-        raise DeliaError(f"{path}: 'mix.ratio': must be >= 0, got {cfg.mix.ratio}")
     return cfg
 
 
@@ -370,11 +412,34 @@ def read_yaml(path: str | Path, what: str) -> tuple[Any, dict[str, str]]:
     except (OSError, UnicodeDecodeError) as e:
         raise DeliaError(f"{path}: cannot read {what}: {e}") from None
     try:
+        node = yaml.compose(text)
+        if _expanded_size(node, {}) > MAX_YAML_VALUES:
+            raise DeliaError(f"{path}: the YAML expands to more than {MAX_YAML_VALUES:,} values (aliases of aliases); "
+                             "write the values out")
         data = yaml.safe_load(text)
-        return data, {key: f"{path}:{line}" for key, line in key_lines(yaml.compose(text), "", str(path))}
+        return data, {key: f"{path}:{line}" for key, line in key_lines(node, "", str(path))}
+    except RecursionError:
+        raise DeliaError(f"{path}: the YAML is nested too deeply") from None
     except yaml.YAMLError as e:
         mark = getattr(e, "problem_mark", None)
         raise DeliaError(f"{path}{f':{mark.line + 1}' if mark else ''}: invalid YAML: {getattr(e, 'problem', e)}") from None
+
+
+MAX_YAML_VALUES = 100_000
+"""More values than a config or an experiment file could mean, once its aliases are expanded."""
+
+
+def _expanded_size(node, sizes: dict) -> int:
+    """How many values a composed YAML node stands for with every alias expanded, counted once per
+    distinct node (an alias shares its anchor's node), so a billion laughs is counted, not walked."""
+    if node is None:
+        return 0
+    if id(node) not in sizes:
+        sizes[id(node)] = 1  # a node that refers to itself counts once
+        children = [n for pair in node.value for n in pair] if isinstance(node, yaml.MappingNode) else \
+            node.value if isinstance(node, yaml.SequenceNode) else []
+        sizes[id(node)] = 1 + sum(_expanded_size(c, sizes) for c in children)
+    return sizes[id(node)]
 
 
 def key_lines(node, prefix: str = "", path: str = ""):

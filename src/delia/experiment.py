@@ -87,14 +87,21 @@ def setting(cfg: dict, key: str):
 
 
 def run_configs(exp: dict):
-    """(run name, seed, RunConfig) for every run and seed, in order."""
+    """(run name, seed, RunConfig) for every run and seed, in order. A run's folder is DIR/NAME/seed-N,
+    the name taken as it is written (never read as YAML); two runs that would share a folder are an error."""
+    import dataclasses
+
     from .config import load_config
 
+    folders: dict[str, str] = {}
     for run in exp["runs"]:
         for seed in exp["seeds"]:
-            sets = exp["set"] + run.get("set", []) + [f"run_dir={Path(exp['dir']) / run['name'] / f'seed-{seed}'}",
-                                                       f"seed={seed}"]
-            yield run["name"], seed, load_config(exp["base"], sets)
+            folder = Path(exp["dir"]) / run["name"] / f"seed-{seed}"
+            if (key := str(folder.resolve())) in folders:
+                raise DeliaError(f"runs '{folders[key]}' and '{run['name']}' would share the folder {folder}")
+            folders[key] = run["name"]
+            cfg = load_config(exp["base"], exp["set"] + run.get("set", []) + [f"seed={seed}"])
+            yield run["name"], seed, dataclasses.replace(cfg, run_dir=str(folder))
 
 
 def run_experiment(path: str | Path) -> Path:

@@ -102,6 +102,16 @@ def world() -> tuple[int, int]:
     return int(os.environ.get("RANK", 0)), int(os.environ.get("WORLD_SIZE", 1))
 
 
+def not_a_file(path: str | Path) -> str:
+    """Why `path` is not a readable file, in words: a folder, a link that leads nowhere, or nothing."""
+    path = Path(path)
+    if path.is_dir():
+        return "is a folder, not a file"
+    if path.is_symlink():
+        return "is a symbolic link that leads nowhere (a loop, or its target is missing)"
+    return "file not found"
+
+
 class Stage:
     """Times one stage and writes its manifest (inputs with hashes, settings, versions, times).
 
@@ -115,7 +125,7 @@ class Stage:
         self.settings = settings
         for path in (inputs or {}).values():
             if not Path(path).is_file():
-                raise DeliaError(f"{path}: {name}: input file not found")
+                raise DeliaError(f"{path}: {name}: input {not_a_file(path)}")
         self.inputs = {k: {"path": str(p), "sha256": file_sha256(p)} for k, p in (inputs or {}).items()}
         self.key = fingerprint({"settings": settings, "inputs": self.inputs})
         self.outputs: dict[str, Any] = {}
@@ -159,40 +169,21 @@ class RunFolder:
     """
 
     def __init__(self, root: str | Path):
-        self.root = Path(root)
+        self.root = root = Path(root)
+        self.task_train = root / "task" / "train.jsonl"
+        self.task_eval = root / "task" / "eval.jsonl"
+        self.task_meta = root / "task" / "task.json"
+        self.diversified_train = root / "diversify" / "train.jsonl"
+        self.sample_cache = root / "sample" / "cache.jsonl"
+        self.diverse = root / "sample" / "diverse.jsonl"
+        self.general = root / "general" / "queries.jsonl"
+        """Held-out general queries and the untouched model's answers (drift and leakage)."""
+        self.report_md = root / "report.md"
+        self.report_json = root / "report.json"
 
     def stage(self, name: str) -> Path:
-        """A stage's folder (task, diversify, sample, mix, analysis, sweep, tune, trials)."""
+        """A stage's folder (task, diversify, sample, mix, general, sweep, tune, trials)."""
         return self.root / name
-
-    @property
-    def task_train(self) -> Path:
-        return self.root / "task" / "train.jsonl"
-
-    @property
-    def task_eval(self) -> Path:
-        return self.root / "task" / "eval.jsonl"
-
-    @property
-    def task_meta(self) -> Path:
-        return self.root / "task" / "task.json"
-
-    @property
-    def diversified_train(self) -> Path:
-        return self.root / "diversify" / "train.jsonl"
-
-    @property
-    def sample_cache(self) -> Path:
-        return self.root / "sample" / "cache.jsonl"
-
-    @property
-    def diverse(self) -> Path:
-        return self.root / "sample" / "diverse.jsonl"
-
-    @property
-    def general(self) -> Path:
-        """Held-out general queries and the untouched model's answers (drift and leakage)."""
-        return self.root / "general" / "queries.jsonl"
 
     def mix(self, data: str) -> Path:
         """The rows one kind of arm trains on (common, delia, facts, dmt, ...)."""
@@ -215,14 +206,6 @@ class RunFolder:
 
     def analysis(self, name: str = "") -> Path:
         return self.root / "analysis" / name if name else self.root / "analysis"
-
-    @property
-    def report_md(self) -> Path:
-        return self.root / "report.md"
-
-    @property
-    def report_json(self) -> Path:
-        return self.root / "report.json"
 
 
 def read_manifest(folder: Path) -> dict | None:

@@ -13,7 +13,6 @@ into {Icelandic headword: [English senses]}; DiPMT uses it in both directions.
 
 from __future__ import annotations
 
-import base64
 import gettext
 import gzip
 import io

@@ -16,9 +16,36 @@ ROLES = ("system", "user", "assistant")
 _SHAREGPT_ROLES = {"human": "user", "user": "user", "gpt": "assistant", "assistant": "assistant", "system": "system"}
 
 
+def loads(text: str, where: str) -> object:
+    """One JSON value, or one line naming `where` and what is wrong: invalid JSON, nesting too deep, a
+    number too long to read, or text that is not Unicode (see `unicode_only`)."""
+    try:
+        return unicode_only(json.loads(text), where)
+    except json.JSONDecodeError as e:
+        raise DeliaError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DeliaError(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        raise DeliaError(f"{where}: invalid JSON: {str(e).split(';')[0]}") from None
+
+
+def unicode_only(value: object, where: str) -> object:
+    """`value` if all its text can be written as UTF-8; JSON's escapes can smuggle in a lone surrogate
+    (\\ud800) that fails only later, when a stage writes its output."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DeliaError(f"{where}: not Unicode text: an escaped lone surrogate ({e.object[e.start]!a})") from None
+    return value
+
+
 def read_records(path: str | Path) -> Iterator[tuple[int, object]]:
     """Yield (line number, decoded object): a JSON array file or one JSON value per line."""
     path = Path(path)
+    if not path.is_file():
+        from ..runfolder import not_a_file
+
+        raise DeliaError(f"{path}: {not_a_file(path)}")
     try:
         raw = path.read_bytes()
     except OSError as e:
@@ -33,20 +60,22 @@ def read_records(path: str | Path) -> Iterator[tuple[int, object]]:
     if text.lstrip().startswith("["):  # a JSON array, unless it is JSON Lines whose first line is a list
         try:
             json.loads(text)
-            yield from _array_items(text)
-            return
         except json.JSONDecodeError as e:
             try:
                 json.loads(text.lstrip().splitlines()[0])
             except json.JSONDecodeError:
                 raise DeliaError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+            except (RecursionError, ValueError):
+                pass  # read line by line below, which names the line and the fault
+        except (RecursionError, ValueError):
+            loads(text, f"{path}:1")  # raises, saying what is wrong
+        else:
+            for n, item in _array_items(text):
+                yield n, unicode_only(item, f"{path}:{n}")
+            return
     for n, line in enumerate(text.splitlines(), 1):
-        if not line.strip():
-            continue
-        try:
-            yield n, json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DeliaError(f"{path}:{n}: invalid JSON: {e.msg} (column {e.colno})") from None
+        if line.strip():
+            yield n, loads(line, f"{path}:{n}")
 
 
 def _array_items(text: str) -> Iterator[tuple[int, object]]:

@@ -14,7 +14,9 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
+from .. import DeliaError
 from ..model.generate import Request
+from .formats import loads
 
 
 def read_cache(path: Path) -> dict[str, dict]:
@@ -27,9 +29,12 @@ def read_cache(path: Path) -> dict[str, dict]:
     if data and not data.endswith(b"\n"):
         with open(path, "r+b") as f:
             f.truncate(data.rfind(b"\n") + 1)
-    with open(path, encoding="utf-8") as f:
-        for line in f:
-            row = json.loads(line)
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            row = loads(line, f"{path}:{n}")
+            if not (isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("answer"), str)):
+                raise DeliaError(f"{path}:{n}: not a cache record (key, answer); delete this line or the file to "
+                                 "generate its answers again")
             done[row["key"]] = row
     return done
 

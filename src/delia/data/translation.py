@@ -18,11 +18,11 @@ same source's test part):
 
 from __future__ import annotations
 
-import json
 import random
 from pathlib import Path
 
 from .. import DeliaError
+from .formats import loads
 
 LANGUAGES = {"en": "English", "is": "Icelandic", "de": "German", "fr": "French", "cs": "Czech", "ru": "Russian",
              "zh": "Chinese", "ja": "Japanese", "ha": "Hausa", "es": "Spanish", "it": "Italian", "pl": "Polish",
@@ -79,10 +79,7 @@ def read_pairs(path: Path, direction: str = "en-is") -> list[dict]:
                 raise DeliaError(f"{path}:{n}: expected source<TAB>target")
             pairs.append(_keyed(parts[0].strip(), parts[1].strip(), direction))
             continue
-        try:
-            row = json.loads(line)
-        except json.JSONDecodeError as e:
-            raise DeliaError(f"{path}:{n}: invalid JSON: {e.msg}") from None
+        row = loads(line, f"{path}:{n}")
         keys = (a, b) if isinstance(row, dict) and a in row and b in row else ("source", "target")
         for key in keys:
             if not isinstance(row, dict) or not isinstance(row.get(key), str) or not row[key].strip():
