@@ -81,3 +81,36 @@ def test_sigkill_at_several_points_then_resume_is_identical(tiny_model_dir, tmp_
     assert len(keys) == len(set(keys)) == asked  # nothing lost, nothing answered twice
     assert json.loads((folder / "manifest.json").read_text())["status"] == "done"
     _no_temp_files(tmp_path / "killed")
+
+
+class _BatchSensitive:
+    """Answers that depend on the whole batch a request is in, as sampled answers do (one seed a batch):
+    a resumed run that batched differently would answer differently."""
+
+    batch_size = 3
+
+    def batches(self, requests, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
+        from delia.model.generate import batch_seed
+
+        for i in range(0, len(requests), self.batch_size):
+            chunk = requests[i : i + self.batch_size]
+            tag = batch_seed(seed, [r.key for r in chunk]) % 10_000
+            yield [(r, f"answer to {r.key} in batch {tag} " + "ü" * (len(r.key) % 3), 5) for r in chunk]
+
+
+def test_a_cache_torn_at_any_byte_resumes_to_the_uninterrupted_answers(tmp_path):
+    """The cache cut at every byte offset of a small run, then resumed: the same answers, each once."""
+    from delia.data.generation_cache import generate_cached
+    from delia.model.generate import Request
+
+    requests = [Request(key=f"q{i}", messages=[{"role": "user", "content": f"q{i}"}]) for i in range(8)]
+    whole = tmp_path / "whole.jsonl"
+    expected, _ = generate_cached(requests, whole, _BatchSensitive, 5, 0.7, 0.95, 3, desc="whole")
+    data = whole.read_bytes()
+    cache = tmp_path / "torn.jsonl"
+    for cut in range(len(data) + 1):
+        cache.write_bytes(data[:cut])
+        got, _ = generate_cached(requests, cache, _BatchSensitive, 5, 0.7, 0.95, 3, desc="resume")
+        assert {k: v["answer"] for k, v in got.items()} == {k: v["answer"] for k, v in expected.items()}, cut
+        keys = [json.loads(line)["key"] for line in cache.read_text(encoding="utf-8").splitlines()]
+        assert sorted(keys) == sorted(r.key for r in requests), cut  # every answer once

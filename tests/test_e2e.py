@@ -62,4 +62,5 @@ def test_delia_run_end_to_end(tmp_path):
     # a second run finds every stage done
     again = subprocess.run([sys.executable, "-m", "delia.cli", "run", "c.yaml"], cwd=tmp_path,
                            capture_output=True, text=True, timeout=600)
-    assert again.returncode == 0 and again.stdout.count("up to date") == 11
+    # task, sample, mix, 3 x train, general, 4 x evaluate, analyze
+    assert again.returncode == 0 and again.stdout.count("up to date") == 12

@@ -41,7 +41,12 @@ def test_remote_code_is_not_run_unless_turned_on(tiny_model_dir, tmp_path):
     except DeliaError:
         pass  # refusing is fine; running the code is not
     assert not marker.exists()
-    load_model(str(folder), trust_remote_code=True)  # the same folder, turned on: its code does run
+    from transformers import LlamaForCausalLM
+
+    try:
+        load_model(str(folder), trust_remote_code=True)  # the same folder, turned on: its code does run
+    finally:
+        LlamaForCausalLM._auto_class = None  # registering `Evil` marked the shared class for every later save
     assert marker.exists()
     on = load_config(None, [f"run_dir={tmp_path / 'on'}", "model.trust_remote_code=true"])
     off = load_config(None, [f"run_dir={tmp_path / 'off'}"])
@@ -119,3 +124,22 @@ def test_api_key_never_reaches_a_file_or_a_log(tiny, tiny_model_dir, tmp_path, m
     assert any(p.name == "report.json" for p in files) and any(p.name == "manifest.json" for p in files)
     for path in files:
         assert secret.encode() not in path.read_bytes(), path
+
+
+def test_a_model_whose_code_is_refused_is_one_line(tiny_model_dir, tmp_path):
+    """A custom architecture needs its own code: with trust_remote_code off that is one line, status 2."""
+    import contextlib
+    import io
+
+    from delia.cli import main
+
+    folder = tmp_path / "model"
+    shutil.copytree(tiny_model_dir, folder)
+    config = json.loads((folder / "config.json").read_text())
+    config.update(model_type="evilllama", auto_map={"AutoConfig": "evil.EvilConfig", "AutoModelForCausalLM": "evil.Evil"})
+    (folder / "config.json").write_text(json.dumps(config))
+    (folder / "evil.py").write_text("raise SystemExit('the code ran')\n")
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["serve", "configs/demo.yaml", "--set", f"model.name={folder}", "--port", "0"])
+    assert code == 2 and err.getvalue().count("\n") == 1 and "model.trust_remote_code: true" in err.getvalue(), err.getvalue()

@@ -109,9 +109,40 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     assert all(torch.allclose(a[k], b[k], atol=1e-6) for k in a)
     steps = lambda p: [json.loads(line)["step"] for line in open(p / "loss.jsonl")]  # noqa: E731
     assert steps(tmp_path / "cut") == steps(tmp_path / "whole") == [1, 2, 3, 4, 5, 6]
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)  # over all 6 steps, not the last 4
+    config = "adapter/adapter_config.json"
+    assert (tmp_path / "cut" / config).read_bytes() == (tmp_path / "whole" / config).read_bytes()
     # other settings: the stale checkpoint is not used
     with pytest.raises(KeyboardInterrupt):
         train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "other", seed=0, run_key="k",
                    callbacks=[Crash()])
     fresh = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "other", seed=0, run_key="k2")
     assert fresh["resumed_from_step"] == 0
+
+
+def test_a_kill_while_a_checkpoint_is_written_keeps_the_earlier_one(tiny_model_dir, tmp_path):
+    """Killed after step 5 with checkpoint-4 half written (its token counts, written last, missing): the
+    rerun goes on from checkpoint-2, which is still there, and ends as an uninterrupted run."""
+    from transformers import TrainerCallback
+
+    from delia.model.loading import load_model
+
+    rows = [{"messages": MESSAGES, "source": "task"}] * 12
+    cfg = TrainConfig(batch_size=2, micro_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, save_steps=2)
+
+    class Crash(TrainerCallback):
+        def on_step_end(self, args, state, control, **kw):
+            if state.global_step == 5:
+                raise KeyboardInterrupt
+
+    whole = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "whole", seed=0, run_key="k")
+    with pytest.raises(KeyboardInterrupt):
+        train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "cut", seed=0, run_key="k",
+                   callbacks=[Crash()])
+    checkpoints = tmp_path / "cut" / "checkpoints"
+    assert (checkpoints / "checkpoint-2").is_dir() and (checkpoints / "checkpoint-4").is_dir()
+    (checkpoints / "checkpoint-4" / "delia_counts.json").unlink()  # as if killed before the counts were written
+    resumed = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "cut", seed=0, run_key="k")
+    assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 6
+    assert resumed["trained_tokens"] == whole["trained_tokens"]
+    assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)

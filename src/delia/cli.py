@@ -61,6 +61,7 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--name", default="", help="model name the server answers to (default: model.name)")
     v.add_argument("--faults", type=float, default=0.0, help="share of requests to fail on purpose (testing)")
     v.add_argument("--api-key-env", default="", help="require the key held by this environment variable")
+    v.add_argument("--max-tokens", type=int, default=1024, help="the most new tokens a request may ask for (default 1024)")
     return p
 
 
@@ -79,19 +80,36 @@ def _report(cfg, args) -> None:
     print(_pipeline().stage_report(cfg).read_text())
 
 
+def _check_address(host: str, port: int) -> None:
+    """A bad --host or --port is one line before the model loads."""
+    import socket
+
+    if not 0 <= port <= 65535:
+        raise DeliaError(f"--port {port}: must be from 0 to 65535")
+    try:
+        family = socket.getaddrinfo(host, port, type=socket.SOCK_STREAM)[0][0]
+        with socket.socket(family, socket.SOCK_STREAM) as probe:
+            probe.bind((host, port))
+    except (OSError, UnicodeError) as e:
+        raise DeliaError(f"--host {host} --port {port}: cannot listen there: {getattr(e, 'strerror', None) or e}") from None
+
+
 def _serve(cfg, args) -> None:
     from .model.loading import load_model
     from .serve import serve
 
+    _check_address(args.host, args.port)
+    if args.max_tokens < 1:
+        raise DeliaError(f"--max-tokens {args.max_tokens}: must be >= 1")
+    key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
+    if args.api_key_env and not key:
+        raise DeliaError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
     model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
     if args.adapter:
         from .model.adapter import load_adapter
 
         model, tokenizer = load_adapter(model, tokenizer, args.adapter)
-    key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
-    if args.api_key_env and not key:
-        raise DeliaError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
-    serve(model, tokenizer, args.name or cfg.model.name, args.host, args.port, args.faults, key)
+    serve(model, tokenizer, args.name or cfg.model.name, args.host, args.port, args.faults, key, args.max_tokens)
 
 
 def _pipeline():

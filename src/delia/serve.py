@@ -1,6 +1,14 @@
 """`delia serve`: an OpenAI-compatible chat server over the local backend (a base model plus an
 optional adapter), so you can chat with what you trained. Listens on loopback unless told otherwise.
 
+Every request gets an HTTP status and, for errors, an OpenAI-style JSON body (`{"error": {"message",
+"type", "param", "code"}}`): a body of the wrong shape is a 400 naming the field, a body larger than
+`MAX_BODY` a 413, one that does not arrive within `read_timeout` seconds a 408, `max_tokens` above the
+server's limit a 400, an unknown route or method a 404 / 405. `stream: true` is served as server-sent
+events (the whole answer in one content chunk, then the finish chunk and `[DONE]`), as OpenAI clients
+expect; `n` > 1 is refused. Generation stops when the client goes away. With an API key, every route
+needs it.
+
 `faults` > 0 makes a share of requests fail on purpose (429, 500, a dropped connection, a slow answer)
 to test clients: delia's own HTTP backend is tested against it.
 """
@@ -8,7 +16,10 @@ to test clients: delia's own HTTP backend is tested against it.
 from __future__ import annotations
 
 import json
+import math
 import random
+import select
+import socket
 import threading
 import time
 import uuid
@@ -17,17 +28,30 @@ from http.server import BaseHTTPRequestHandler, ThreadingHTTPServer
 from .model.generate import LocalGenerator, Request
 
 FAULTS = ("429", "500", "drop", "slow")
+MAX_BODY = 1 << 20
+"""Bytes a request body may have."""
+ROLES = ("system", "user", "assistant")
+
+
+class BadRequest(Exception):
+    def __init__(self, message: str, param: str | None = None, status: int = 400):
+        super().__init__(message)
+        self.param, self.status = param, status
 
 
 class ChatServer(ThreadingHTTPServer):
     daemon_threads = True
 
     def __init__(self, model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000,
-                 faults: float = 0.0, fault_seed: int = 0, slow_seconds: float = 3.0, api_key: str = ""):
+                 faults: float = 0.0, fault_seed: int = 0, slow_seconds: float = 3.0, api_key: str = "",
+                 max_tokens: int = 1024, read_timeout: float = 10.0):
         super().__init__((host, port), _Handler)
         self.api_key = api_key  # when set, requests must carry `Authorization: Bearer <key>`
         self.generator = LocalGenerator(model, tokenizer, batch_size=1)
         self.model_id = model_id
+        self.max_tokens = max_tokens
+        """The most new tokens one request may ask for (and the default is the smaller of this and 256)."""
+        self.read_timeout = read_timeout
         self.faults = faults
         self.slow_seconds = slow_seconds
         self._rng = random.Random(fault_seed)
@@ -43,21 +67,73 @@ class ChatServer(ThreadingHTTPServer):
                 return fault
         return None
 
-    def complete(self, body: dict) -> dict:
-        messages = body["messages"]
-        request = Request(key=str(body.get("seed", 0)), messages=messages)
+    def complete(self, req: dict, gone=None) -> tuple[str, int, int]:
+        """(answer, prompt tokens, answer tokens) for a checked request; `gone()` true stops generating."""
+        request = Request(key=str(req["seed"]), messages=req["messages"])
         with self._lock:
-            ((_, text, n),) = next(self.generator.batches(
-                [request], int(body.get("max_tokens") or 256), float(body.get("temperature", 0.0)),
-                float(body.get("top_p", 1.0)), int(body.get("seed", 0))))
-            prompt = len(self.generator.prompt_ids(messages))
+            ((_, text, n),) = next(self.generator.batches([request], req["max_tokens"], req["temperature"],
+                                                          req["top_p"], req["seed"], should_stop=gone))
+            prompt = len(self.generator.prompt_ids(req["messages"]))
             self.served += 1
-        return {
-            "id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "object": "chat.completion", "created": int(time.time()),
-            "model": self.model_id,
-            "choices": [{"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": "stop"}],
-            "usage": {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n},
-        }
+        return text, prompt, n
+
+
+def _number(body: dict, key: str, default: float, low: float, high: float) -> float:
+    value = body.get(key, default)
+    if value is None:
+        return default
+    if isinstance(value, bool) or not isinstance(value, (int, float)) or not math.isfinite(value) \
+            or not low <= value <= high:
+        raise BadRequest(f"'{key}' must be a number from {low:g} to {high:g}, got {value!r}", key)
+    return float(value)
+
+
+def _content(value, where: str) -> str:
+    """A message's content: a string, or a list of text parts (`{"type": "text", "text": ...}`)."""
+    if isinstance(value, str):
+        return value
+    if isinstance(value, list) and all(isinstance(p, dict) and p.get("type") == "text" and isinstance(p.get("text"), str)
+                                       for p in value):
+        return "".join(p["text"] for p in value)
+    raise BadRequest(f"'{where}' must be a string or a list of text parts", where)
+
+
+def check_request(body, max_tokens: int) -> dict:
+    """The chat completion request's settings, checked; BadRequest names the field that is wrong."""
+    if not isinstance(body, dict):
+        raise BadRequest(f"the body must be a JSON object, got {type(body).__name__}")
+    messages = body.get("messages")
+    if not isinstance(messages, list) or not messages:
+        raise BadRequest("'messages' must be a non-empty list", "messages")
+    checked = []
+    for i, m in enumerate(messages):
+        if not isinstance(m, dict) or m.get("role") not in ROLES:
+            raise BadRequest(f"'messages[{i}]' must be an object with a role ({', '.join(ROLES)})", f"messages[{i}]")
+        checked.append({"role": m["role"], "content": _content(m.get("content"), f"messages[{i}].content")})
+    if checked[-1]["role"] == "assistant" or not any(m["role"] == "user" for m in checked):
+        raise BadRequest("'messages' must hold a user turn and end with one", "messages")
+    limit = body.get("max_completion_tokens", body.get("max_tokens"))
+    if limit is None:
+        limit = min(256, max_tokens)
+    if isinstance(limit, bool) or not isinstance(limit, int) or not 1 <= limit <= max_tokens:
+        raise BadRequest(f"'max_tokens' must be an integer from 1 to {max_tokens} (this server's limit), got {limit!r}",
+                         "max_tokens")
+    seed = body.get("seed", 0)
+    if seed is None:
+        seed = 0
+    if isinstance(seed, bool) or not isinstance(seed, int) or not 0 <= seed < 2**63:
+        raise BadRequest(f"'seed' must be a non-negative integer, got {seed!r}", "seed")
+    n = body.get("n", 1)
+    if n not in (None, 1) or isinstance(n, bool):
+        raise BadRequest(f"'n' must be 1 (one answer per request), got {n!r}", "n")
+    stream = body.get("stream", False)
+    if not isinstance(stream, bool) and stream is not None:
+        raise BadRequest(f"'stream' must be true or false, got {stream!r}", "stream")
+    model = body.get("model")
+    if model is not None and not isinstance(model, str):
+        raise BadRequest(f"'model' must be a string, got {model!r}", "model")
+    return {"messages": checked, "max_tokens": limit, "temperature": _number(body, "temperature", 0.0, 0, 2),
+            "top_p": _number(body, "top_p", 1.0, 0, 1), "seed": seed, "stream": bool(stream), "model": model}
 
 
 class _Handler(BaseHTTPRequestHandler):
@@ -77,36 +153,90 @@ class _Handler(BaseHTTPRequestHandler):
         self.end_headers()
         self.wfile.write(data)
 
+    def _error(self, status: int, message: str, param: str | None = None, kind: str = "invalid_request_error",
+               headers: dict | None = None) -> None:
+        self._send(status, {"error": {"message": message, "type": kind, "param": param, "code": status}}, headers)
+
+    def send_error(self, code, message=None, explain=None):
+        """The framework's own errors (a malformed request line, an unknown method) as JSON too."""
+        self.close_connection = True
+        try:
+            self._error(code, message or self.responses.get(code, ("error",))[0])
+        except OSError:
+            pass
+
+    def _authorised(self) -> bool:
+        if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
+            self._error(401, "missing or wrong API key", kind="authentication_error")
+            return False
+        return True
+
+    def _gone(self) -> bool:
+        """The client closed its connection (what it would send next is not read, only peeked at)."""
+        try:
+            readable, _, _ = select.select([self.connection], [], [], 0)
+            return bool(readable) and self.connection.recv(1, socket.MSG_PEEK) == b""
+        except (OSError, ValueError):
+            return True
+
     def do_GET(self):
+        if not self._authorised():
+            return
         if self.path.rstrip("/") == "/v1/models":
-            self._send(200, {"object": "list", "data": [{"id": self.server.model_id, "object": "model"}]})
+            self._send(200, {"object": "list", "data": [{"id": self.server.model_id, "object": "model",
+                                                         "created": 0, "owned_by": "delia"}]})
         else:
-            self._send(404, {"error": {"message": f"no route {self.path}"}})
+            self._error(404, f"no route {self.path}", kind="not_found_error")
+
+    def _not_allowed(self):
+        self._error(405, f"method {self.command} is not allowed on {self.path}", headers={"Allow": "GET, POST"})
+
+    do_PUT = do_DELETE = do_PATCH = do_OPTIONS = _not_allowed
+
+    def _body(self):
+        length = self.headers.get("Content-Length")
+        if length is None:
+            raise BadRequest("a Content-Length header is needed", status=411)
+        if not length.isdigit() or int(length) > MAX_BODY:
+            raise BadRequest(f"Content-Length must be an integer of at most {MAX_BODY} bytes, got {length[:20]!r}",
+                             status=413 if length.isdigit() else 400)
+        self.connection.settimeout(self.server.read_timeout)
+        try:
+            raw = self.rfile.read(int(length))
+        except (TimeoutError, socket.timeout):
+            raise BadRequest(f"the body did not arrive within {self.server.read_timeout:g} s", status=408) from None
+        finally:
+            self.connection.settimeout(None)
+        if len(raw) < int(length):
+            raise BadRequest("the body ended before Content-Length bytes", status=400)
+        try:
+            return json.loads(raw)
+        except (ValueError, RecursionError):
+            raise BadRequest("the body is not valid JSON") from None
 
     def do_POST(self):
-        if self.server.api_key and self.headers.get("Authorization") != f"Bearer {self.server.api_key}":
-            self._send(401, {"error": {"message": "missing or wrong API key"}})
+        if not self._authorised():
             return
         if self.path.rstrip("/") != "/v1/chat/completions":
-            self._send(404, {"error": {"message": f"no route {self.path}"}})
+            self._error(404, f"no route {self.path}", kind="not_found_error")
             return
         try:
-            body = json.loads(self.rfile.read(int(self.headers.get("Content-Length", 0))))
-            if not isinstance(body.get("messages"), list) or not body["messages"]:
-                raise ValueError("'messages' must be a non-empty list")
-        except ValueError as e:
-            self._send(400, {"error": {"message": f"bad request: {e}"}})
+            req = check_request(self._body(), self.server.max_tokens)
+        except BadRequest as e:
+            if e.status in (408, 411, 413):
+                self.close_connection = True
+            self._error(e.status, f"bad request: {e}", e.param)
             return
-        if body.get("model") not in (None, self.server.model_id):
-            self._send(404, {"error": {"message": f"the model '{body['model']}' does not exist here "
-                                                  f"(this server has '{self.server.model_id}')"}})
+        if req["model"] not in (None, self.server.model_id):
+            self._error(404, f"the model '{req['model']}' does not exist here (this server has "
+                             f"'{self.server.model_id}')", "model", kind="not_found_error")
             return
         fault = self.server.pick_fault()
         if fault == "429":
-            self._send(429, {"error": {"message": "rate limited (injected)"}}, {"Retry-After": "0"})
+            self._error(429, "rate limited (injected)", kind="rate_limit_error", headers={"Retry-After": "0"})
             return
         if fault == "500":
-            self._send(500, {"error": {"message": "server error (injected)"}})
+            self._error(500, "server error (injected)", kind="server_error")
             return
         if fault == "drop":
             self.close_connection = True
@@ -114,12 +244,35 @@ class _Handler(BaseHTTPRequestHandler):
             return
         if fault == "slow":
             time.sleep(self.server.slow_seconds)
-        self._send(200, self.server.complete(body))
+        try:
+            text, prompt, n = self.server.complete(req, gone=self._gone)
+        except Exception as e:  # noqa: BLE001 - the client gets a status, not a dropped connection
+            self._error(500, f"generation failed: {type(e).__name__}", kind="server_error")
+            return
+        finish = "length" if n >= req["max_tokens"] else "stop"
+        head = {"id": f"chatcmpl-{uuid.uuid4().hex[:12]}", "created": int(time.time()), "model": self.server.model_id}
+        usage = {"prompt_tokens": prompt, "completion_tokens": n, "total_tokens": prompt + n}
+        if not req["stream"]:
+            self._send(200, {**head, "object": "chat.completion", "usage": usage, "choices": [
+                {"index": 0, "message": {"role": "assistant", "content": text}, "finish_reason": finish}]})
+            return
+        chunks = [{"role": "assistant", "content": ""}, {"content": text}, {}]
+        self.send_response(200)
+        self.send_header("Content-Type", "text/event-stream")
+        self.send_header("Cache-Control", "no-cache")
+        self.send_header("Connection", "close")
+        self.end_headers()
+        self.close_connection = True
+        for i, delta in enumerate(chunks):
+            event = {**head, "object": "chat.completion.chunk",
+                     "choices": [{"index": 0, "delta": delta, "finish_reason": finish if i == len(chunks) - 1 else None}]}
+            self.wfile.write(f"data: {json.dumps(event)}\n\n".encode())
+        self.wfile.write(b"data: [DONE]\n\n")
 
 
 def serve(model, tokenizer, model_id: str, host: str = "127.0.0.1", port: int = 8000, faults: float = 0.0,
-          api_key: str = "") -> None:
-    server = ChatServer(model, tokenizer, model_id, host, port, faults, api_key=api_key)
+          api_key: str = "", max_tokens: int = 1024) -> None:
+    server = ChatServer(model, tokenizer, model_id, host, port, faults, api_key=api_key, max_tokens=max_tokens)
     print(f"delia: serving {model_id} on http://{host}:{server.server_address[1]}/v1 (Ctrl-C to stop)", flush=True)
     try:
         server.serve_forever()

@@ -1,7 +1,9 @@
 """Generation with an append-only cache: one JSON line per answer, keyed by the request.
 
-Answers are appended and synced after every batch, one write a batch, so a killed run resumes without
-losing or duplicating rows and with the same batches; `sample` and `diversify` both generate through here.
+Answers are appended and synced after every batch, one write a batch, and every line names its batch
+and the batch's size; a batch whose lines are not all there (a write torn by a kill or a power loss) is
+cut off whole when the cache is read, so a resumed run asks for the same batches as an uninterrupted one
+and gets the same answers. `sample` and `diversify` both generate through here.
 """
 
 from __future__ import annotations
@@ -15,27 +17,36 @@ from typing import Callable, Sequence
 from tqdm import tqdm
 
 from .. import DeliaError
-from ..model.generate import Request
+from ..model.generate import Request, batch_seed
 from .formats import loads
 
 
 def read_cache(path: Path) -> dict[str, dict]:
-    """Answers already in the cache. A last line cut short by a crash is cut off, so the next
-    append starts on a fresh line; its request is simply generated again."""
+    """Answers already in the cache. The lines after the last whole batch (a line cut short, or a batch
+    with lines missing) are cut off the file, so the next append starts where a whole batch ended."""
     done: dict[str, dict] = {}
     if not path.exists():
         return done
     data = path.read_bytes()
-    if data and not data.endswith(b"\n"):
+    good = 0  # bytes up to the end of the last whole batch
+    start, batch, rows = 0, None, []
+    for n, line in enumerate(data.splitlines(keepends=True), 1):
+        if not line.endswith(b"\n"):
+            break  # cut short by a crash: generated again
+        row = loads(line.decode("utf-8", errors="replace"), f"{path}:{n}")
+        if not (isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("answer"), str)):
+            raise DeliaError(f"{path}:{n}: not a cache record (key, answer); delete this line or the file to "
+                             "generate its answers again")
+        if row.get("batch") != batch or not rows:
+            batch, rows = row.get("batch"), []
+        rows.append(row)
+        start += len(line)
+        if len(rows) >= row.get("size", 1):  # a whole batch (a line without a batch stands alone)
+            done.update((r["key"], r) for r in rows)
+            good, rows = start, []
+    if good < len(data):
         with open(path, "r+b") as f:
-            f.truncate(data.rfind(b"\n") + 1)
-    with open(path, encoding="utf-8", errors="replace") as f:
-        for n, line in enumerate(f, 1):
-            row = loads(line, f"{path}:{n}")
-            if not (isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("answer"), str)):
-                raise DeliaError(f"{path}:{n}: not a cache record (key, answer); delete this line or the file to "
-                                 "generate its answers again")
-            done[row["key"]] = row
+            f.truncate(good)
     return done
 
 
@@ -72,9 +83,11 @@ def generate_cached(
         fd = os.open(cache_path, os.O_WRONLY | os.O_APPEND | os.O_CREAT, 0o644)
         try:
             for batch in generator.batches(pending, max_new_tokens, temperature, top_p, seed):
-                rows = [{"key": request.key, "answer": text, "tokens": n_tokens} for request, text, n_tokens in batch]
-                # one write a batch: a kill keeps the whole batch or none of it, so a resumed run batches
-                # the remaining requests as the uninterrupted run did and samples the same answers
+                tag = batch_seed(seed, [request.key for request, _, _ in batch])
+                rows = [{"key": request.key, "answer": text, "tokens": n_tokens, "batch": tag, "size": len(batch)}
+                        for request, text, n_tokens in batch]
+                # one write a batch, each line naming it: a kill or a torn write keeps the whole batch or,
+                # once read back, none of it, so a resumed run batches the rest as the uninterrupted run did
                 data = "".join(json.dumps(row, ensure_ascii=False) + "\n" for row in rows).encode("utf-8")
                 while data:
                     data = data[os.write(fd, data):]

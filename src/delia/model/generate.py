@@ -17,7 +17,7 @@ import time
 import urllib.error
 import urllib.request
 from dataclasses import dataclass
-from typing import Iterator, Protocol, Sequence
+from typing import Callable, Iterator, Protocol, Sequence
 
 import torch
 
@@ -67,8 +67,10 @@ class LocalGenerator:
         temperature: float = 0.0,
         top_p: float = 1.0,
         seed: int = 0,
+        should_stop: Callable[[], bool] | None = None,
     ) -> Iterator[list[tuple[Request, str, int]]]:
-        """Yield, batch by batch, (request, generated text, generated token count)."""
+        """Yield, batch by batch, (request, generated text, generated token count); `should_stop()` true
+        (checked every step) ends a batch early with what it has (a server whose client went away)."""
         encoded = [(self.tokenizer(r.text, add_special_tokens=False)["input_ids"] if r.text else self.prompt_ids(r.messages), r)
                    for r in requests]
         order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
@@ -93,6 +95,7 @@ class LocalGenerator:
                     top_k=None,
                     pad_token_id=pad,
                     eos_token_id=eos,
+                    stopping_criteria=_stop_when(should_stop) if should_stop else None,
                 )
             results = []
             for row, (_, request) in zip(out[:, width:].tolist(), chunk):
@@ -109,6 +112,16 @@ class LocalGenerator:
         gen_eos = getattr(self.model.generation_config, "eos_token_id", None)
         ids |= set(gen_eos if isinstance(gen_eos, list) else [gen_eos])
         return sorted(i for i in ids if i is not None)
+
+
+def _stop_when(should_stop: Callable[[], bool]):
+    from transformers import StoppingCriteria, StoppingCriteriaList
+
+    class Stop(StoppingCriteria):
+        def __call__(self, input_ids, scores, **kwargs):
+            return torch.full((input_ids.shape[0],), should_stop(), dtype=torch.bool, device=input_ids.device)
+
+    return StoppingCriteriaList([Stop()])
 
 
 class OpenAIGenerator:

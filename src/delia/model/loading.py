@@ -78,10 +78,22 @@ def _dtype(name: str):
         raise DeliaError(f"model.dtype: expected float32, bfloat16 or float16, got {name!r}") from None
 
 
+def _refused(name: str, error: Exception) -> DeliaError:
+    """One line for a model that cannot load: its code refused (trust_remote_code off), or another error."""
+    text = str(error)
+    if "trust_remote_code" in text:
+        return DeliaError(f"model '{name}': it ships its own code, which delia does not run unless you set "
+                          "model.trust_remote_code: true (read the code first)")
+    return DeliaError(f"model '{name}': cannot load: {text.strip().splitlines()[0] if text.strip() else type(error).__name__}")
+
+
 def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     from transformers import AutoTokenizer
 
-    tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    try:
+        tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _refused(name_or_path, e) from None
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
@@ -95,6 +107,6 @@ def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = Fals
     try:
         tokenizer = load_tokenizer(path, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
-    except OSError as e:
-        raise DeliaError(f"model '{name}': cannot load: {str(e).splitlines()[0]}") from None
+    except (OSError, ValueError) as e:
+        raise _refused(name, e) from None
     return model, tokenizer

@@ -40,17 +40,22 @@ def _sum_over_processes(values: list[int]) -> list[int]:
 
 
 def _resumable_checkpoint(folder: Path, run_key: str) -> Path | None:
-    """The last checkpoint left by a killed run with the same settings and inputs (`run_key`), if any;
-    checkpoints of other settings are removed."""
-    from transformers.trainer_utils import get_last_checkpoint
-
+    """The newest whole checkpoint left by a killed run with the same settings and inputs (`run_key`), if
+    any. A checkpoint is whole once this process's token counts are in it (written last); a newer one cut
+    short by the kill is removed, the earlier whole one kept (`save_total_limit` 2 keeps it on disk).
+    Checkpoints of other settings are removed."""
     if not folder.is_dir():
         return None
     key = folder / "run_key"
-    last = get_last_checkpoint(str(folder))
     rank, _ = world()
-    if key.exists() and key.read_text() == run_key and last and (Path(last) / _counts_file(rank)).exists():
-        return Path(last)
+    if key.exists() and key.read_text() == run_key:
+        steps = sorted((int(p.name.split("-")[1]), p) for p in folder.glob("checkpoint-*") if p.name.split("-")[1].isdigit())
+        for _, path in reversed(steps):
+            if (path / _counts_file(rank)).exists() and (path / "trainer_state.json").exists():
+                return path
+            if rank == 0:
+                shutil.rmtree(path, ignore_errors=True)  # cut short by the kill
+        return None
     if rank == 0:
         shutil.rmtree(folder)
     return None
@@ -211,7 +216,7 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, micro: int, accumulatio
         logging_steps=1,
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
-        save_total_limit=1,
+        save_total_limit=2,  # the previous whole checkpoint survives a kill while the next one is written
         report_to="none",
         seed=seed,
         data_seed=seed,
@@ -237,6 +242,10 @@ def _save(trainer, model, tokenizer, adapter: Path, task: TaskConfig, token_init
         # re-created on load by the same deterministic init: no need to save the whole resized matrix
         model.save_pretrained(adapter, save_embedding_layers=False)
     if rank == 0:
+        config = json.loads((adapter / "adapter_config.json").read_text())
+        config["target_modules"] = sorted(config["target_modules"]) if isinstance(config["target_modules"], list) \
+            else config["target_modules"]  # peft writes a set in hash order: the same adapter, other bytes
+        write_json(adapter / "adapter_config.json", config)
         tokenizer.save_pretrained(adapter)
         write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens, "init": token_init,
                                            "description": task.description, "seed": seed_init})
@@ -308,7 +317,8 @@ def train_lora(
         "trained_tokens": counts["tokens"],
         "loss_tokens": counts["loss_tokens"],
         "padded_tokens": counts["padded_tokens"],
-        "train_loss": round(result.training_loss, 4),
+        # over every step, those before a resume too (the Trainer's own figure counts only its own steps)
+        "train_loss": round(sum(losses) / len(losses), 4) if losses else round(result.training_loss, 4),
         "first_loss": losses[0] if losses else None,
         "last_loss": losses[-1] if losses else None,
         "seconds": round(seconds, 1),
