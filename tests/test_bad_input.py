@@ -332,3 +332,45 @@ def test_a_corrupt_cache_line_names_the_cache_and_the_line(task_run):
         assert code == 2 and err.count("\n") == 1 and f"{cache}:2: invalid JSON" in err, err
     finally:
         cache.write_text(kept)
+
+
+JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
+                           lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
+                           max_leaves=12)
+
+
+@settings(max_examples=80, deadline=None, suppress_health_check=list(HealthCheck))
+@given(kind=st.sampled_from(["task.jsonl", "task.json", "config.yaml", "experiment.yaml", "queries.jsonl", "cache.jsonl"]),
+       data=st.one_of(st.binary(max_size=300), JSON_VALUES.map(lambda v: json.dumps(v).encode()),
+                      st.lists(JSON_VALUES, min_size=1, max_size=4).map(
+                          lambda vs: b"".join(json.dumps(v).encode() + b"\n" for v in vs))))
+def test_any_bytes_or_json_in_any_input_end_in_one_line(tiny_model_dir, kind, data):
+    """Arbitrary bytes and arbitrary JSON values as a task file, a config, an experiment file, a query file
+    or a generation cache read back: status 0 or 2, never a traceback; on 2, one line naming the file, and
+    the run folder as it was."""
+    with tempfile.TemporaryDirectory() as tmp:
+        path, run = Path(tmp) / kind, Path(tmp) / "run"
+        if kind in ("queries.jsonl", "cache.jsonl"):  # a run with its task, then `sample` reads the file
+            (Path(tmp) / "c.yaml").write_text(f"run_dir: {run}\nmodel: {{name: {tiny_model_dir}}}\ntask: {{train_rows: 2}}\n"
+                                              "sample: {max_new_tokens: 2}\nmix: {ratio: 1}\n")
+            assert _delia("task", str(Path(tmp) / "c.yaml"))[0] == 0
+            if kind == "cache.jsonl":
+                path = run / "sample" / "cache.jsonl"
+                path.parent.mkdir()
+                (Path(tmp) / "q.jsonl").write_text('{"instruction": "Name two colours."}\n' * 3)
+        path.write_bytes(data)
+        before = {p for p in run.rglob("*") if p.is_file()} if run.exists() else set()
+        if kind.startswith("task"):
+            (Path(tmp) / "c.yaml").write_text(f"run_dir: {run}\ntask:\n  source: {path}\n")
+            code, err = _delia("task", str(Path(tmp) / "c.yaml"))
+        elif kind == "config.yaml":
+            code, err = _delia("task", str(path), "--set", f"run_dir={run}")
+        elif kind == "experiment.yaml":
+            code, err = _delia("experiment", str(path))
+        else:
+            queries = path if kind == "queries.jsonl" else Path(tmp) / "q.jsonl"
+            code, err = _delia("sample", str(Path(tmp) / "c.yaml"), "--set", f"sample.queries={queries}")
+        assert code in (0, 2) and "Traceback" not in err, err
+        if code == 2:
+            assert err.count("\n") == 1 and str(path) in err, err
+            assert ({p for p in run.rglob("*") if p.is_file()} if run.exists() else set()) == before, err
