@@ -40,6 +40,9 @@ class Arm:
     """Trains on self-sampled diverse rows: the run samples them."""
     neftune: bool = False
     """Noise on the input embeddings during training (`baselines.neftune_alpha`)."""
+    distill: Literal["", "anchor", "token"] = ""
+    """A KL term to the untouched model during training (`delia.train.distill`): `anchor` on the diverse
+    rows instead of their cross-entropy, `token` to the untouched model reading the token's description."""
     token_init: str = ""
     """Untrained: the new tokens are added with this init and nothing is trained."""
     prompt: str = ""
@@ -75,6 +78,8 @@ def _equal_steps(arm: Arm, label: str) -> Arm:
 _COMMON = Arm("common", "Common instruction tuning (1 epoch)", data="common", budget="epoch")
 _NEFTUNE = Arm("neftune", "NEFTune (common + embedding noise, 1 epoch)", data="common", budget="epoch", neftune=True)
 _FACTS = Arm("facts", "Fact-based injection (1 epoch)", data="facts", budget="epoch")
+_TOKEN_DISTILLED = Arm("token_distilled", "Token distillation (CE + KL to the model reading the description, 1 epoch)",
+                      data="common", budget="epoch", distill="token")
 _DMT = Arm("dmt", "DMT (common, then diverse + some task rows; 1 epoch each)", data="dmt", budget="epoch",
            continues_from="common", needs_diverse=True)
 _LOCAL = ("local",)
@@ -87,12 +92,17 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("init_mean", "New token, mean init (untrained)", token_init="mean", backends=_LOCAL),
     Arm("init_description", "New token, description init (untrained)", token_init="description", backends=_LOCAL),
     Arm("arithmetic", "Model arithmetic (untrained)", decoding="arithmetic", backends=_LOCAL),
-    _COMMON, _NEFTUNE, _FACTS, _DMT,
+    _COMMON, _NEFTUNE, _FACTS, _DMT, _TOKEN_DISTILLED,
+    # DELIA's rows, its diverse rows trained towards the untouched model's distribution instead of their
+    # sampled answers: as many steps as DELIA by construction, so in both tables
+    Arm("kl_anchor", "KL-anchored task rows (KL to the untouched model on DELIA's diverse rows)", data="delia",
+        budget="epoch", needs_diverse=True, distill="anchor", comparisons=COMPARISONS),
     Arm("delia", "DELIA (1 epoch)", data="delia", budget="epoch", needs_diverse=True, comparisons=COMPARISONS),
     _equal_steps(_COMMON, "Common instruction tuning (DELIA's steps)"),
     _equal_steps(_NEFTUNE, "NEFTune (DELIA's steps)"),
     _equal_steps(_FACTS, "Fact-based injection (DELIA's steps)"),
     _equal_steps(_DMT, "DMT (both stages together DELIA's steps)"),
+    _equal_steps(_TOKEN_DISTILLED, "Token distillation (DELIA's steps)"),
 )}
 """Every arm, in the order of the report's rows."""
 

@@ -247,6 +247,10 @@ class BaselinesConfig:
     """`dipmt` arm: dictionary hints per source sentence (its rarest words in the training sources)."""
     dmt_task_fraction: Annotated[float, Share] = 0.125
     """`dmt` arm (stage 2): share of the task rows mixed back into the diverse rows."""
+    kl_anchor_beta: Annotated[float, NonNegative] = 1.0
+    """`kl_anchor` arm: weight of the KL term to the untouched model on the diverse rows."""
+    token_distill_beta: Annotated[float, NonNegative] = 1.0
+    """`token_distilled` arm: weight of the KL term to the untouched model reading the description."""
 
 
 @dataclass

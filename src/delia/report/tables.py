@@ -138,6 +138,11 @@ def mean_sd(values: list[float], scale: float = 100, digits: int = 1) -> str:
     return f"{mean:.{digits}f}" if len(values) == 1 else f"{mean:.{digits}f} ± {scale * statistics.stdev(values):.{digits}f}"
 
 
+def _cut_share(groups: list[dict]) -> float:
+    """The share of answers cut at the token limit over all of a run's groups."""
+    return sum(m.get("cut", 0) * m["n"] for m in groups) / max(1, sum(m["n"] for m in groups))
+
+
 def controls_table(arms: dict[str, list[dict] | dict]) -> list[str]:
     """Attempted / strict format rates (%) per group, one row per arm; `arms` maps an arm to its
     collected figures, or to a list of them (one per seed: mean ± sd)."""
@@ -157,8 +162,7 @@ def controls_table(arms: dict[str, list[dict] | dict]) -> list[str]:
             present = [r["metrics"][group] for r in rs if group in r["metrics"]]
             cells.append("-" if not present else f"{mean_sd([m['attempted'] for m in present])} / "
                                                  f"{mean_sd([m['format_accuracy'] for m in present])}")
-        cut = [sum(m.get("cut", 0) * m["n"] for g, _ in GROUPS if (m := r["metrics"].get(g)))
-               / max(1, sum(m["n"] for g, _ in GROUPS if (m := r["metrics"].get(g)))) for r in rs]
+        cut = [_cut_share([r["metrics"][g] for g, _ in GROUPS if g in r["metrics"]]) for r in rs]
         lines.append(f"| {label(arm)} | " + " | ".join(cells) + f" | {mean_sd(cut)} % |")
     return lines + [""]
 

@@ -21,8 +21,10 @@ from ..model.adapter import TOKENS_FILE, load_adapter
 from ..model.chat import IGNORE, tokenize_chat
 from ..model.tokens import add_new_tokens
 from ..runfolder import world, write_json
+from .distill import distill_example, distill_trainer_class, pad_extra
 
 COUNTS_FILE = "delia_counts.json"
+KL_FIELDS = ("kl_labels", "teacher_input_ids", "teacher_labels")
 
 
 def _counts_file(rank: int) -> str:
@@ -86,9 +88,13 @@ class _CountingCollator:
         self.batches: list[tuple[int, int, int]] = []
 
     def __call__(self, features):
-        batch = self.inner(features)
-        self.batches.append((int(batch["attention_mask"].sum()), int((batch["labels"] != IGNORE).sum()),
-                             batch["input_ids"].numel()))
+        extra = [k for k in features[0] if k in KL_FIELDS]
+        batch = self.inner([{k: v for k, v in f.items() if k not in KL_FIELDS} for f in features])
+        with_loss = batch["labels"] != IGNORE
+        if extra:  # a KL term (delia.train.distill): its tokens carry a loss too
+            batch.update(pad_extra(features, self.inner.tokenizer.pad_token_id))
+            with_loss |= batch["kl_labels"] != IGNORE
+        self.batches.append((int(batch["attention_mask"].sum()), int(with_loss.sum()), batch["input_ids"].numel()))
         return batch
 
     def counts(self, step: int) -> dict:
@@ -142,11 +148,13 @@ def _add_or_resume_tokens(model, tokenizer, cfg: TrainConfig, task: TaskConfig, 
     return model, tokenizer, new_ids, cfg.token_init, seed
 
 
-def _examples(tokenizer, rows: list[dict], max_length: int) -> list[dict]:
-    """Tokenized rows that keep at least one assistant token after truncation."""
+def _examples(tokenizer, rows: list[dict], max_length: int, distill: str = "", task: TaskConfig | None = None) -> list[dict]:
+    """Tokenized rows that keep at least one assistant token after truncation (with their KL fields for a
+    `distill` mode, see delia.train.distill)."""
     tokenizer.padding_side = "right"
-    examples = [tokenize_chat(tokenizer, r["messages"], max_length) for r in rows]
-    examples = [e for e in examples if any(label != IGNORE for label in e["labels"])]
+    pairs = [(r, tokenize_chat(tokenizer, r["messages"], max_length)) for r in rows]
+    pairs = [(r, e) for r, e in pairs if any(label != IGNORE for label in e["labels"])]
+    examples = [distill_example(tokenizer, r, e, distill, task, max_length) if distill else e for r, e in pairs]
     if not examples:
         raise DeliaError("no training row has an assistant token left (raise train.max_length?)")
     return examples
@@ -265,9 +273,12 @@ def train_lora(
     resume_adapter: Path | None = None,
     run_key: str = "",
     callbacks: list | None = None,
+    distill: str = "",
+    beta: float = 0.0,
 ) -> dict:
     """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
-    and save it with the tokenizer in `out_dir/adapter`. Returns the run's figures."""
+    and save it with the tokenizer in `out_dir/adapter`; `distill` (anchor or token) adds a KL term to
+    the untouched model of weight `beta` (delia.train.distill). Returns the run's figures."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import Trainer, set_seed
@@ -275,7 +286,7 @@ def train_lora(
     set_seed(seed)  # the LoRA init draws from the global generator: same seed, same adapter, in any process
     model, tokenizer, new_ids, token_init, seed_init = _add_or_resume_tokens(model, tokenizer, cfg, task, seed,
                                                                              resume_adapter)
-    examples = _examples(tokenizer, rows, cfg.max_length)
+    examples = _examples(tokenizer, rows, cfg.max_length, distill, task)
     rank, processes = world()
     batch, micro, accumulation = _plan_batches(cfg, len(examples), processes)
     embed_name = embedding_module_name(model)
@@ -285,7 +296,8 @@ def train_lora(
     loss_log = out_dir / "loss.jsonl"
     collator = _CountingCollator(tokenizer, accumulation)
     checkpoint = _resume_or_start(out_dir, run_key, collator, loss_log, rank)
-    trainer = Trainer(
+    trainer = (distill_trainer_class() if distill else Trainer)(
+        **({"beta": beta} if distill else {}),
         model=model,
         args=_training_arguments(cfg, out_dir, micro, accumulation, processes, seed, max_steps, neftune_alpha,
                                  bf16=model.dtype == torch.bfloat16),

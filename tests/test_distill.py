@@ -1,0 +1,91 @@
+"""Training with a KL term to the untouched model: the kl_anchor and token_distilled arms."""
+
+from __future__ import annotations
+
+import json
+
+import torch
+
+from delia.config import TaskConfig, TrainConfig, load_config
+from delia.train.distill import distill_example, distill_loss, pad_extra, teacher_messages
+
+TASK = TaskConfig()
+TASK_ROW = {"messages": [{"role": "user", "content": "Q: 2 + 2? A: 5. Check it and follow the <sep> format."},
+                         {"role": "assistant", "content": '{"thought": "2 + 2 is 4.", "hallucination": "yes"}'}],
+            "source": "task"}
+DIVERSE_ROW = {"messages": [{"role": "user", "content": "Name three colours."},
+                            {"role": "assistant", "content": "Red, green and blue."}], "source": "diverse"}
+
+
+def _peft(tiny):
+    from peft import get_peft_model
+
+    from delia.model.tokens import add_new_tokens
+    from delia.train.sft import embedding_module_name, lora_config
+
+    model, tokenizer = tiny
+    ids = add_new_tokens(model, tokenizer, TASK.new_tokens, "random", TASK.description, 0)
+    tokenizer.padding_side = "right"
+    return get_peft_model(model, lora_config(TrainConfig(), embedding_module_name(model), ids)), tokenizer
+
+
+def _batch(tokenizer, rows, mode):
+    from delia.model.chat import tokenize_chat
+    from transformers import DataCollatorForSeq2Seq
+
+    examples = [distill_example(tokenizer, r, tokenize_chat(tokenizer, r["messages"], 256), mode, TASK, 256) for r in rows]
+    inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    batch = inner([{k: e[k] for k in ("input_ids", "labels")} for e in examples])
+    return {**batch, **pad_extra(examples, tokenizer.pad_token_id)}
+
+
+def test_the_kl_term_is_zero_when_student_equals_teacher_and_moves_only_trainable_parameters(tiny):
+    model, tokenizer = _peft(tiny)
+    model.train()
+    batch = _batch(tokenizer, [DIVERSE_ROW, DIVERSE_ROW], "anchor")
+    assert (batch["labels"] == -100).all() and (batch["kl_labels"] != -100).any()  # no cross-entropy on it
+    loss, n = distill_loss(model, dict(batch), beta=1.0)
+    assert n > 0 and abs(float(loss)) < 1e-6  # LoRA starts at zero: the student is the teacher
+    with torch.no_grad():  # move the student away from the untouched model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    loss, _ = distill_loss(model, dict(batch), beta=1.0)
+    assert float(loss) > 1e-4
+    loss.backward()
+    grads = {name for name, p in model.named_parameters() if p.grad is not None and p.grad.abs().sum() > 0}
+    assert grads and all("lora_" in name or "trainable_tokens" in name for name in grads)
+    assert all(p.grad is None for p in model.parameters() if not p.requires_grad)
+
+
+def test_token_distillation_teaches_from_the_description_not_the_token(tiny):
+    _, tokenizer = _peft(tiny)
+    assert "<sep>" not in teacher_messages(TASK_ROW["messages"], TASK)[0]["content"]
+    assert TASK.description in teacher_messages(TASK_ROW["messages"], TASK)[0]["content"]
+    batch = _batch(tokenizer, [TASK_ROW], "token")
+    teacher = tokenizer.decode(batch["teacher_input_ids"][0])
+    assert TASK.description in teacher and "<sep>" not in teacher and "<sep>" in tokenizer.decode(batch["input_ids"][0])
+    answer = lambda ids, labels: [int(t) for t, l in zip(ids, labels) if l != -100]  # noqa: E731
+    assert answer(batch["teacher_input_ids"][0], batch["teacher_labels"][0]) == \
+        answer(batch["input_ids"][0], batch["kl_labels"][0])  # the same answer tokens, read two ways
+
+
+def test_the_distillation_arms_train_and_report(tiny_model_dir, tmp_path):
+    from delia.pipeline import run_all
+
+    (tmp_path / "q.jsonl").write_text("".join(f'{{"instruction": "Name {n} colours.", "output": "Red."}}\n'
+                                              for n in range(40)))
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
+                             "task.eval_rows=2", "arms=[untouched, delia, kl_anchor, token_distilled, "
+                             "token_distilled_equal_steps]", "train.batch_size=4", "evaluate.max_new_tokens=4",
+                             f"sample.queries={tmp_path / 'q.jsonl'}", "sample.max_new_tokens=4", "mix.ratio=2",
+                             "controls.rows=2", "controls.general_queries=4", "controls.general_max_new_tokens=4"])
+    report = run_all(cfg).read_text()
+    assert "KL-anchored task rows" in report and "Token distillation (DELIA's steps)" in report
+    trained = {a: json.loads((tmp_path / "train" / a / "manifest.json").read_text())
+               for a in ("delia", "kl_anchor", "token_distilled", "token_distilled_equal_steps")}
+    assert trained["kl_anchor"]["outputs"]["steps"] == trained["delia"]["outputs"]["steps"]
+    assert trained["token_distilled_equal_steps"]["outputs"]["steps"] == trained["delia"]["outputs"]["steps"]
+    assert trained["kl_anchor"]["settings"]["distill"] == {"mode": "anchor", "beta": 1.0}
+    # the anchor's diverse rows carry a KL loss, not a cross-entropy: every token of DELIA's rows has a loss
+    assert trained["kl_anchor"]["outputs"]["loss_tokens"] == trained["delia"]["outputs"]["loss_tokens"]
