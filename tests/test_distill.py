@@ -89,3 +89,26 @@ def test_the_distillation_arms_train_and_report(tiny_model_dir, tmp_path):
     assert trained["kl_anchor"]["settings"]["distill"] == {"mode": "anchor", "beta": 1.0}
     # the anchor's diverse rows carry a KL loss, not a cross-entropy: every token of DELIA's rows has a loss
     assert trained["kl_anchor"]["outputs"]["loss_tokens"] == trained["delia"]["outputs"]["loss_tokens"]
+
+
+def test_self_distilled_keeps_the_reference_unless_the_rewrite_passes_the_evaluator():
+    from delia.baselines import rewrite_request, self_distilled_row
+
+    assert TASK_ROW["messages"][-1]["content"] in rewrite_request(TASK_ROW)[0]["content"]
+    good = '{"thought": "Two and two make four, not five.", "hallucination": "yes"}'
+    for rewrite, kept in ((good, True), ('{"thought": "fine", "hallucination": "no"}', False),  # another label
+                          ('{"thought": "no closing brace"', False), ("It is wrong.", False), ("", False)):
+        row = self_distilled_row(TASK_ROW, rewrite, TASK)
+        assert row["rewritten"] is kept and row["messages"][:-1] == TASK_ROW["messages"][:-1]
+        assert row["messages"][-1]["content"] == (rewrite if kept else TASK_ROW["messages"][-1]["content"])
+
+
+def test_self_distilled_arm_trains_on_its_rewrites(tiny_model_dir, tmp_path):
+    from delia.pipeline import run_all
+
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
+                             "task.eval_rows=2", "arms=[untouched, self_distilled]", "train.batch_size=4",
+                             "evaluate.max_new_tokens=4", "controls.general_queries=0"])
+    assert "Self-distilled targets (SDFT, 1 epoch)" in run_all(cfg).read_text()
+    mix = json.loads((tmp_path / "mix" / "manifest.json").read_text())["outputs"]
+    assert mix["self_distilled_rows"] == 8 and 0 <= mix["self_distilled_kept"] <= 8  # a random model keeps none

@@ -80,6 +80,8 @@ _NEFTUNE = Arm("neftune", "NEFTune (common + embedding noise, 1 epoch)", data="c
 _FACTS = Arm("facts", "Fact-based injection (1 epoch)", data="facts", budget="epoch")
 _TOKEN_DISTILLED = Arm("token_distilled", "Token distillation (CE + KL to the model reading the description, 1 epoch)",
                       data="common", budget="epoch", distill="token")
+_SELF_DISTILLED = Arm("self_distilled", "Self-distilled targets (SDFT, 1 epoch)", data="self_distilled", budget="epoch",
+                     task_kinds=("formatted",))
 _DMT = Arm("dmt", "DMT (common, then diverse + some task rows; 1 epoch each)", data="dmt", budget="epoch",
            continues_from="common", needs_diverse=True)
 _LOCAL = ("local",)
@@ -92,7 +94,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("init_mean", "New token, mean init (untrained)", token_init="mean", backends=_LOCAL),
     Arm("init_description", "New token, description init (untrained)", token_init="description", backends=_LOCAL),
     Arm("arithmetic", "Model arithmetic (untrained)", decoding="arithmetic", backends=_LOCAL),
-    _COMMON, _NEFTUNE, _FACTS, _DMT, _TOKEN_DISTILLED,
+    _COMMON, _NEFTUNE, _FACTS, _DMT, _TOKEN_DISTILLED, _SELF_DISTILLED,
     # DELIA's rows, its diverse rows trained towards the untouched model's distribution instead of their
     # sampled answers: as many steps as DELIA by construction, so in both tables
     Arm("kl_anchor", "KL-anchored task rows (KL to the untouched model on DELIA's diverse rows)", data="delia",
@@ -103,6 +105,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     _equal_steps(_FACTS, "Fact-based injection (DELIA's steps)"),
     _equal_steps(_DMT, "DMT (both stages together DELIA's steps)"),
     _equal_steps(_TOKEN_DISTILLED, "Token distillation (DELIA's steps)"),
+    _equal_steps(_SELF_DISTILLED, "Self-distilled targets (DELIA's steps)"),
 )}
 """Every arm, in the order of the report's rows."""
 

@@ -9,6 +9,10 @@ fact-based injection rows and DMT's second-stage rows. Model arithmetic decodes 
   Default facts: "`<sep>` means DESCRIPTION." and one fact per required key.
 - DMT (Dong et al. 2024): the common arm's adapter trained on for one more epoch on DELIA's diverse
   rows plus a share of the task rows (`dmt_rows`).
+- Self-distilled targets (SDFT, Yang et al. 2024): the untouched model rewrites each task answer in its
+  own words, shown the task prompt and the reference; a rewrite is kept only if it passes the task's
+  own evaluator (parses, holds the required keys, the same label), else the reference stays
+  (`rewrite_request`, `self_distilled_row`).
 - DiPMT (Ghazvininejad et al. 2023), translation, no training: for the `dipmt_words` words of the
   source sentence that are in the dictionary and rarest in the training sources (ties: the earlier
   word), a paragraph of hints 'In this context, the word "X" means "Y".' (Y: its first two senses
@@ -122,3 +126,27 @@ def dmt_rows(task_rows: list[dict], diverse: list[dict], task_fraction: float, s
     rows += [{"messages": r["messages"], "source": "diverse"} for r in diverse]
     random.Random(seed).shuffle(rows)
     return rows
+
+
+REWRITE = ("{prompt}\n\nHere is a correct answer to the request above:\n\n{reference}\n\nRewrite this answer in your own "
+           "words. Keep exactly its format, its keys and its conclusion; reply with the rewritten answer only.")
+"""SDFT's prompt: the task prompt, the reference answer, and the request to restate it."""
+
+
+def rewrite_request(row: dict) -> list[dict]:
+    """The messages asking the untouched model to rewrite a task row's answer."""
+    prompt = next(m["content"] for m in row["messages"] if m["role"] == "user")
+    return [{"role": "user", "content": REWRITE.format(prompt=prompt, reference=row["messages"][-1]["content"])}]
+
+
+def self_distilled_row(row: dict, rewrite: str, task: TaskConfig) -> dict:
+    """The task row with the rewrite as its answer if the task's evaluator accepts the rewrite (it parses,
+    holds the required keys and, with a label key, gives the reference's label), else as it was."""
+    from .evaluate.formatted import score
+
+    reference = row["messages"][-1]["content"]
+    verdict = score(rewrite, reference, task)
+    kept = bool(rewrite.strip()) and verdict["formatted"] and verdict["label"] is not False
+    answer = rewrite if kept else reference
+    return {"messages": row["messages"][:-1] + [{"role": "assistant", "content": answer}], "source": "task",
+            "rewritten": kept}

@@ -217,6 +217,28 @@ def _mix_dmt(cfg: RunConfig, task_rows: list[dict]) -> dict:
     return {"dmt_rows": len(rows)}
 
 
+def _mix_self_distilled(cfg: RunConfig, task_rows: list[dict]) -> dict:
+    """SDFT's rows: each task answer rewritten by the untouched model, kept if the evaluator accepts it
+    (`baselines.self_distilled_row`); greedy, through the generation cache (`mix/self_distilled_cache.jsonl`)."""
+    from .data.generation_cache import generate_cached
+    from .evaluate.formatted import answer_budget
+    from .model.generate import Request, make_generator
+    from .model.loading import load_tokenizer
+    from .runfolder import fingerprint
+
+    budget = answer_budget(load_tokenizer(cfg.model.name, cfg.model.trust_remote_code), task_rows, cfg.evaluate)
+    requests = [Request(key=fingerprint({"model": cfg.model.name, "prompt": baselines.rewrite_request(r),
+                                         "max_new_tokens": budget}), messages=baselines.rewrite_request(r))
+                for r in task_rows]
+    paths(cfg).stage("mix").mkdir(parents=True, exist_ok=True)
+    answers, _ = generate_cached(requests, paths(cfg).stage("mix") / "self_distilled_cache.jsonl",
+                                 lambda: make_generator(cfg.model, cfg.generation, cfg.evaluate.batch_size),
+                                 budget, 0.0, 1.0, cfg.seed, desc="self-distilled rewrites")
+    rows = [baselines.self_distilled_row(r, answers[q.key]["answer"], cfg.task) for r, q in zip(task_rows, requests)]
+    write_jsonl(paths(cfg).mix("self_distilled"), rows)
+    return {"self_distilled_rows": len(rows), "self_distilled_kept": sum(r["rewritten"] for r in rows)}
+
+
 @dataclass(frozen=True)
 class MixData:
     build: Callable[[RunConfig, list[dict]], dict]
@@ -231,6 +253,9 @@ MIX_DATA = {
                                                         if k in ("facts", "rows_per_fact")}}),
     "dmt": MixData(_mix_dmt, lambda cfg: {"dmt_task_fraction": cfg.baselines.dmt_task_fraction}),
     "delia": MixData(_mix_delia),
+    "self_distilled": MixData(_mix_self_distilled, lambda cfg: {"self_distilled": {
+        "model": cfg.model.name, "backend": cfg.generation.backend, "evaluate": config_dict(cfg)["evaluate"],
+        "task": config_dict(cfg)["task"]}}),
 }
 """What each kind of trained arm trains on (`Arm.data`), built by the mix stage."""
 
