@@ -79,10 +79,9 @@ def _fresh_init_row(tmp_path):
     return model.get_input_embeddings().weight[ids[0]].detach()
 
 
-def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
-    """A crash after step 3 of 6 (checkpoints every 2 steps): the rerun goes on from step 2 and ends with
-    the adapter, token counts and loss log of an uninterrupted run."""
-    from safetensors.torch import load_file
+def _crash_and_resume(tiny_model_dir, tmp_path, crash_at: int, before_resume=lambda checkpoints: None):
+    """Train 6 steps (checkpoints every 2) whole, and again crashed after step `crash_at` and resumed
+    (`before_resume` sees the checkpoints left). Returns (whole run's figures, resumed run's figures)."""
     from transformers import TrainerCallback
 
     from delia.model.loading import load_model
@@ -92,15 +91,33 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
 
     class Crash(TrainerCallback):
         def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 3:
+            if state.global_step == crash_at:
                 raise KeyboardInterrupt
 
-    whole = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "whole", seed=0, run_key="k")
+    def train(folder, **kw):
+        return train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / folder, seed=0, **kw)
+
+    whole = train("whole", run_key="k")
     with pytest.raises(KeyboardInterrupt):
-        train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "cut", seed=0, run_key="k",
-                   callbacks=[Crash()])
-    assert (tmp_path / "cut" / "checkpoints" / "checkpoint-2").is_dir()
-    resumed = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "cut", seed=0, run_key="k")
+        train("cut", run_key="k", callbacks=[Crash()])
+    before_resume(tmp_path / "cut" / "checkpoints")
+    resumed = train("cut", run_key="k")
+    # other settings: the stale checkpoint is not used
+    with pytest.raises(KeyboardInterrupt):
+        train("other", run_key="k", callbacks=[Crash()])
+    assert train("other", run_key="k2")["resumed_from_step"] == 0
+    return whole, resumed
+
+
+def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
+    """A crash after step 3 of 6 (checkpoints every 2 steps): the rerun goes on from step 2 and ends with
+    the adapter, token counts and loss log of an uninterrupted run."""
+    from safetensors.torch import load_file
+
+    def left(checkpoints):
+        assert (checkpoints / "checkpoint-2").is_dir()
+
+    whole, resumed = _crash_and_resume(tiny_model_dir, tmp_path, 3, left)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == whole["steps"] == 6
     assert resumed["trained_tokens"] == whole["trained_tokens"]
     assert not (tmp_path / "cut" / "checkpoints").exists()
@@ -112,37 +129,17 @@ def test_killed_training_resumes_from_its_checkpoint(tiny_model_dir, tmp_path):
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)  # over all 6 steps, not the last 4
     config = "adapter/adapter_config.json"
     assert (tmp_path / "cut" / config).read_bytes() == (tmp_path / "whole" / config).read_bytes()
-    # other settings: the stale checkpoint is not used
-    with pytest.raises(KeyboardInterrupt):
-        train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "other", seed=0, run_key="k",
-                   callbacks=[Crash()])
-    fresh = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "other", seed=0, run_key="k2")
-    assert fresh["resumed_from_step"] == 0
 
 
 def test_a_kill_while_a_checkpoint_is_written_keeps_the_earlier_one(tiny_model_dir, tmp_path):
     """Killed after step 5 with checkpoint-4 half written (its token counts, written last, missing): the
     rerun goes on from checkpoint-2, which is still there, and ends as an uninterrupted run."""
-    from transformers import TrainerCallback
 
-    from delia.model.loading import load_model
+    def half_written(checkpoints):
+        assert (checkpoints / "checkpoint-2").is_dir() and (checkpoints / "checkpoint-4").is_dir()
+        (checkpoints / "checkpoint-4" / "delia_counts.json").unlink()  # as if killed before the counts were written
 
-    rows = [{"messages": MESSAGES, "source": "task"}] * 12
-    cfg = TrainConfig(batch_size=2, micro_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, save_steps=2)
-
-    class Crash(TrainerCallback):
-        def on_step_end(self, args, state, control, **kw):
-            if state.global_step == 5:
-                raise KeyboardInterrupt
-
-    whole = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "whole", seed=0, run_key="k")
-    with pytest.raises(KeyboardInterrupt):
-        train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "cut", seed=0, run_key="k",
-                   callbacks=[Crash()])
-    checkpoints = tmp_path / "cut" / "checkpoints"
-    assert (checkpoints / "checkpoint-2").is_dir() and (checkpoints / "checkpoint-4").is_dir()
-    (checkpoints / "checkpoint-4" / "delia_counts.json").unlink()  # as if killed before the counts were written
-    resumed = train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path / "cut", seed=0, run_key="k")
+    whole, resumed = _crash_and_resume(tiny_model_dir, tmp_path, 5, half_written)
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 6
     assert resumed["trained_tokens"] == whole["trained_tokens"]
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)
