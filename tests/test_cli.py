@@ -1,6 +1,8 @@
 import subprocess
 import sys
 
+import pytest
+
 
 def _delia(*args, cwd):
     return subprocess.run([sys.executable, "-m", "delia.cli", *args], capture_output=True, text=True, cwd=cwd)
@@ -47,3 +49,26 @@ def test_missing_task_file_is_one_line(tmp_path):
     (tmp_path / "c.yaml").write_text("run_dir: run\ntask:\n  source: nowhere.jsonl\n")
     out = _delia("task", "c.yaml", cwd=tmp_path)
     assert out.returncode == 2 and out.stderr.strip() == "delia: error: nowhere.jsonl: task: input file not found"
+
+
+def test_model_placement_follows_the_machine():
+    from delia import DeliaError
+    from delia.model.loading import placement
+
+    assert placement("auto", "auto", cuda=False) == ("cpu", "float32")
+    assert placement("auto", "auto", cuda=True, bf16=True) == ("cuda", "bfloat16")
+    assert placement("auto", "auto", cuda=True, bf16=False) == ("cuda", "float32")
+    assert placement("cpu", "auto", cuda=True, bf16=True) == ("cpu", "float32")  # bf16 on a CPU: slow, not chosen
+    assert placement("auto", "float16", cuda=False) == ("cpu", "float16")
+    with pytest.raises(DeliaError, match="no CUDA GPU"):
+        placement("cuda", "auto", cuda=False)
+
+
+def test_the_model_loads_where_the_config_says(tiny_model_dir):
+    import torch
+
+    from delia.model.loading import load_model
+
+    model, _ = load_model(tiny_model_dir, "auto", device="cpu")
+    assert model.device.type == "cpu" and model.dtype == torch.float32
+    assert load_model(tiny_model_dir, "bfloat16")[0].dtype == torch.bfloat16

@@ -104,7 +104,7 @@ def _serve(cfg, args) -> None:
     key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
     if args.api_key_env and not key:
         raise DeliaError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
+    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.device)
     if args.adapter:
         from .model.adapter import load_adapter
 

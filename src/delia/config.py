@@ -56,8 +56,12 @@ class ModelConfig:
     """A short name of an embedded model, a local Hugging Face folder, or a Hub id."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless you turn it on."""
-    dtype: Literal["float32", "bfloat16", "float16"] = "float32"
-    """Weights dtype for training and generation: float32, bfloat16 or float16."""
+    dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
+    """Weights dtype for training and generation: `auto` (bfloat16 on a GPU that supports it, else float32),
+    float32, bfloat16 or float16."""
+    device: Literal["auto", "cpu", "cuda"] = "auto"
+    """Where every stage puts the model: `auto` (the GPU when there is one, else the CPU), cpu or cuda
+    (training under `accelerate launch` places each process's copy itself)."""
 
 
 @dataclass

@@ -38,9 +38,18 @@ def up_to_date(stage: Stage) -> dict | None:
 
 
 def base_model(cfg: RunConfig):
+    """The base model on `model.device` in `model.dtype` (training: the Trainer places it under accelerate)."""
     from .model.loading import load_model
 
-    return load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code)
+    return load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code,
+                      "cpu" if world()[1] > 1 else cfg.model.device)
+
+
+def placement_of(cfg: RunConfig) -> str:
+    """Where this machine puts the model, for the manifests: e.g. `cpu float32`."""
+    from .model.loading import placement
+
+    return " ".join(placement(cfg.model.device, cfg.model.dtype))
 
 
 def stage_task(cfg: RunConfig) -> dict:
@@ -179,7 +188,7 @@ def stage_general(cfg: RunConfig) -> dict:
     rows = [{"messages": r.messages, "reference": ref, "answer": answers[r.key]["answer"],
              "tokens": answers[r.key]["tokens"]} for r, (_, ref) in zip(requests, picked)]
     write_jsonl(run.general, rows)
-    return stage.finish(rows=len(rows), with_reference=sum(r["reference"] is not None for r in rows),
+    return stage.finish(rows=len(rows), placement=placement_of(cfg), with_reference=sum(r["reference"] is not None for r in rows),
                         skipped_sampled=len(used), untouched_mean_tokens=_mean([r["tokens"] for r in rows]),
                         untouched_cut=_mean([r["tokens"] >= c.general_max_new_tokens for r in rows]))
 
@@ -328,7 +337,7 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
                      **{k: stats[k] + first.get(k, 0) for k in ("steps", "trained_tokens", "loss_tokens", "padded_tokens")})
     if world()[0] != 0:  # under accelerate launch the main process writes the manifest
         return {"outputs": stats}
-    return stage.finish(adapter=str(run.adapter(arm)), **stats)
+    return stage.finish(adapter=str(run.adapter(arm)), placement=placement_of(cfg), **stats)
 
 
 def check_arm(verb: str, arm: str, known) -> None:
@@ -494,7 +503,7 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
             metrics["drift"] = _drift(cfg, arm, generator, general, train_rows)
     write_jsonl(run.eval(arm) / "generations.jsonl", generations)
     write_json(run.eval(arm) / "metrics.json", metrics)
-    return stage.finish(**metrics)
+    return stage.finish(placement=placement_of(cfg) if gen.backend == "local" else gen.backend, **metrics)
 
 
 def _controls(cfg: RunConfig, arm: str, generator, eval_rows: list[dict], train_rows: list[dict],
@@ -608,7 +617,7 @@ def stage_analyze(cfg: RunConfig) -> dict:
         plot_distances(distances, keywords, tmp)
     with atomic_path(run.analysis("divergent.png")) as tmp:
         plot_divergent(divergent, tmp)
-    return stage.finish(token=token, keywords=keywords, plots=[str(run.analysis("token_distance.png")),
+    return stage.finish(token=token, keywords=keywords, placement=placement_of(cfg), plots=[str(run.analysis("token_distance.png")),
                                                                str(run.analysis("divergent.png"))])
 
 

@@ -48,7 +48,8 @@ def _batches(model, tokenizer, rows: list[tuple[list[dict], str]], max_length: i
         for row, (seq, targets) in zip(logits, chunk):
             shift = width - len(seq) - (width - keep)  # a position in `seq` -> its index among the kept logits
             # the logits at position i - 1 predict token i
-            batch.append((row[[i - 1 + shift for i in targets]].float(), torch.tensor([seq[i] for i in targets])))
+            batch.append((row[[i - 1 + shift for i in targets]].float(),
+                          torch.tensor([seq[i] for i in targets], device=row.device)))
         yield batch
 
 

@@ -246,8 +246,8 @@ def make_generator(model_cfg, gen_cfg, batch_size: int, path: str = "", served_n
 
         return VLLMGenerator(path or resolve_model(model_cfg.name), max(batch_size, gen_cfg.vllm_batch_size),
                              gen_cfg.tensor_parallel_size, gen_cfg.gpu_memory_utilization,
-                             "auto" if model_cfg.dtype == "float32" else model_cfg.dtype, model_cfg.trust_remote_code)
+                             "auto" if model_cfg.dtype in ("auto", "float32") else model_cfg.dtype, model_cfg.trust_remote_code)
     from .loading import load_model
 
-    model, tokenizer = load_model(path or model_cfg.name, model_cfg.dtype, model_cfg.trust_remote_code)
+    model, tokenizer = load_model(path or model_cfg.name, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.device)
     return LocalGenerator(model, tokenizer, batch_size)

@@ -69,6 +69,25 @@ def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
         tokenizer.save_pretrained(tmp)
 
 
+def placement(device: str = "auto", dtype: str = "auto", cuda: bool | None = None,
+              bf16: bool | None = None) -> tuple[str, str]:
+    """(device, dtype) that `model.device` and `model.dtype` stand for on this machine: `auto` is the GPU
+    when CUDA is there, else the CPU, and bfloat16 where that GPU supports it, else float32. `cuda` and
+    `bf16` override what the machine says (for tests)."""
+    import torch
+
+    if cuda is None:
+        cuda = torch.cuda.is_available()
+    if device == "cuda" and not cuda:
+        raise DeliaError("model.device: cuda, but this machine has no CUDA GPU (use auto or cpu)")
+    device = ("cuda" if cuda else "cpu") if device == "auto" else device
+    if dtype == "auto":
+        if bf16 is None:
+            bf16 = device == "cuda" and torch.cuda.is_bf16_supported()
+        dtype = "bfloat16" if device == "cuda" and bf16 else "float32"
+    return device, dtype
+
+
 def _dtype(name: str):
     import torch
 
@@ -99,14 +118,15 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
-def load_model(name: str, dtype: str = "float32", trust_remote_code: bool = False):
-    """(model, tokenizer) of a base model, unchanged."""
+def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str = "cpu"):
+    """(model, tokenizer) of a base model, unchanged, on `device` in `dtype` (`auto`: see `placement`)."""
     from transformers import AutoModelForCausalLM
 
+    device, dtype = placement(device, dtype)
     path = resolve_model(name)
     try:
         tokenizer = load_tokenizer(path, trust_remote_code)
         model = AutoModelForCausalLM.from_pretrained(path, dtype=_dtype(dtype), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _refused(name, e) from None
-    return model, tokenizer
+    return model.to(device), tokenizer

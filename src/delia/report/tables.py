@@ -15,6 +15,11 @@ from ..config import RunConfig, config_dict
 from ..runfolder import RunFolder, atomic_path, read_manifest, write_json, write_text
 
 
+def _placement(outputs: dict) -> dict:
+    """Where a stage ran its model (device and dtype, or the remote backend), when its manifest says."""
+    return {"placement": outputs["placement"]} if "placement" in outputs else {}
+
+
 def _pct(x) -> str:
     return "-" if x is None else f"{100 * x:.1f} %"
 
@@ -38,12 +43,12 @@ def collect(cfg: RunConfig) -> dict:
                 stages[sub]["queries"] = m["outputs"].get("queries", {}).get("source")
     for arm, row in arms.items():
         if row["train_seconds"] is not None:
-            stages[f"train:{arm}"] = {"seconds": row["train_seconds"]}
-        stages[f"evaluate:{arm}"] = {"seconds": row["eval_seconds"]}
+            stages[f"train:{arm}"] = {"seconds": row["train_seconds"], **_placement(row["train"])}
+        stages[f"evaluate:{arm}"] = {"seconds": row["eval_seconds"], **_placement(row["metrics"])}
     analysis = run.analysis("token_distance.json")
     an = read_manifest(run.analysis())
     if an:
-        stages["analyze"] = {"seconds": an["seconds"]}
+        stages["analyze"] = {"seconds": an["seconds"], **_placement(an["outputs"])}
     divergent = run.analysis("divergent.json")
     return {"arms": arms, "stages": stages, "config": config_dict(cfg),
             "token_distance": json.loads(analysis.read_text()) if analysis.exists() else None,
