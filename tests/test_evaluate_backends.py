@@ -47,7 +47,9 @@ def test_trained_arm_over_http_answers_as_locally(trained, tiny_model_dir):
         remote = load_config(None, trained + ["generation.backend=openai", f"generation.base_url={url}",
                                               "generation.server_model='{arm}'"])
         done = stage_evaluate(remote, "common")
-        assert done["settings"]["backend"] == "openai" and srv.served == 6
+        controls = sum(1 for _ in open(remote.run_dir + "/eval/common/controls.jsonl"))
+        assert controls > 0 and not any('"other_token"' in line for line in open(remote.run_dir + "/eval/common/controls.jsonl"))
+        assert done["settings"]["backend"] == "openai" and srv.served == 6 + controls  # every answer over HTTP
         assert _answers(remote, "common") == _answers(local, "common") != []
         # without {arm} every arm would reach the same model: refused in one line
         plain = load_config(None, trained + ["generation.backend=openai", f"generation.base_url={url}",
