@@ -31,7 +31,8 @@ def test_never_evaluates_code():
 def test_score_needs_required_keys_and_compares_labels():
     task = TaskConfig()
     ref = '{"thought": "t", "hallucination": "yes"}'
-    assert score('{"thought": "x", "hallucination": "Yes."}', ref, task) == {"formatted": True, "label": True}
-    assert score('{"thought": "x", "hallucination": "no"}', ref, task) == {"formatted": True, "label": False}
-    assert score('{"thought": "missing key"}', ref, task) == {"formatted": False, "label": False}
-    assert score("plain text", ref, task) == {"formatted": False, "label": False}
+    assert score('{"thought": "x", "hallucination": "Yes."}', ref, task) == {"formatted": True, "attempted": True, "label": True}
+    assert score('{"thought": "x", "hallucination": "no"}', ref, task) == {"formatted": True, "attempted": True, "label": False}
+    # the object is opened with a required key: attempted, not formatted
+    assert score('{"thought": "missing key"}', ref, task) == {"formatted": False, "attempted": True, "label": False}
+    assert score("plain text", ref, task) == {"formatted": False, "attempted": False, "label": False}
