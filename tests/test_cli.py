@@ -72,3 +72,12 @@ def test_the_model_loads_where_the_config_says(tiny_model_dir):
     model, _ = load_model(tiny_model_dir, "auto", device="cpu")
     assert model.device.type == "cpu" and model.dtype == torch.float32
     assert load_model(tiny_model_dir, "bfloat16")[0].dtype == torch.bfloat16
+
+
+def test_config_prints_the_resolved_config_that_run_accepts_back(tmp_path):
+    from delia.config import load_config
+
+    out = _delia("config", "configs/demo.yaml", "--set", "train.lora_r=8", cwd=".")
+    assert out.returncode == 0 and "lora_r: 8" in out.stdout and "general_queries: 64" in out.stdout
+    (tmp_path / "resolved.yaml").write_text(out.stdout)
+    assert load_config(tmp_path / "resolved.yaml") == load_config("configs/demo.yaml", ["train.lora_r=8"])

@@ -31,6 +31,7 @@ def _parser() -> argparse.ArgumentParser:
         return v
 
     verb("run", "run the whole chain and print the report")
+    verb("config", "print the resolved config, every default filled in, as YAML that `delia run` accepts back")
     verb("task", "build the task's training and evaluation rows")
     verb("diversify", "paraphrase the task's instruction wordings (word-level diversity)")
     verb("sample", "self-sample diverse rows with the target model")
@@ -140,8 +141,17 @@ def _export(cfg, args) -> None:
     print(f"delia: exported to {_pipeline().stage_export(cfg, args.arm)}")
 
 
+def _config(cfg, args) -> None:
+    import yaml
+
+    from .config import config_dict
+
+    print(yaml.safe_dump(config_dict(cfg), sort_keys=False, allow_unicode=True), end="")
+
+
 VERBS = {
     "run": _run,
+    "config": _config,
     "task": lambda cfg, args: _pipeline().stage_task(cfg),
     "diversify": lambda cfg, args: _pipeline().stage_diversify(cfg),
     "sample": lambda cfg, args: _pipeline().stage_sample(cfg),
