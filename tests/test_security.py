@@ -143,3 +143,18 @@ def test_a_model_whose_code_is_refused_is_one_line(tiny_model_dir, tmp_path):
     with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
         code = main(["serve", "configs/demo.yaml", "--set", f"model.name={folder}", "--port", "0"])
     assert code == 2 and err.getvalue().count("\n") == 1 and "model.trust_remote_code: true" in err.getvalue(), err.getvalue()
+
+
+def test_a_model_without_a_chat_template_is_refused_in_one_line(tiny_model_dir, tmp_path):
+    import contextlib
+    import io
+
+    from delia.cli import main
+
+    folder = tmp_path / "base-model"
+    shutil.copytree(tiny_model_dir, folder)
+    (folder / "chat_template.jinja").unlink()
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(["serve", "configs/demo.yaml", "--set", f"model.name={folder}", "--port", "0"])
+    assert code == 2 and err.getvalue().count("\n") == 1 and "no chat template" in err.getvalue(), err.getvalue()

@@ -113,6 +113,9 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         tokenizer = AutoTokenizer.from_pretrained(resolve_model(name_or_path), trust_remote_code=trust_remote_code)
     except (OSError, ValueError) as e:
         raise _refused(name_or_path, e) from None
+    if not tokenizer.chat_template:
+        raise DeliaError(f"model '{name_or_path}': its tokenizer has no chat template; delia prompts and trains "
+                         "through one (use the model's instruct/chat variant, or add a chat_template.jinja to its folder)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
