@@ -374,3 +374,16 @@ def test_any_bytes_or_json_in_any_input_end_in_one_line(tiny_model_dir, kind, da
         if code == 2:
             assert err.count("\n") == 1 and str(path) in err, err
             assert ({p for p in run.rglob("*") if p.is_file()} if run.exists() else set()) == before, err
+
+
+def test_too_few_queries_for_the_ratio_is_said_before_sampling(tmp_path):
+    from delia import DeliaError
+    from delia.config import load_config
+
+    with pytest.raises(DeliaError, match="asks for 52000 diverse rows, but sample.queries alpaca_en_demo has 999"):
+        load_config("configs/paper.yaml", ["sample.queries=alpaca_en_demo"])
+    (tmp_path / "q.jsonl").write_text('{"instruction": "Name a colour."}\n' * 5)
+    code, err = _delia("run", "configs/demo.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set",
+                       f"sample.queries={tmp_path / 'q.jsonl'}")
+    assert code == 2 and "5 queries, but 144 diverse rows are needed" in err and err.count("\n") == 1, err
+    assert not (tmp_path / "run" / "sample").exists()  # nothing sampled

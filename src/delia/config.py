@@ -42,6 +42,8 @@ class NonEmpty:
             raise DeliaError(f"{path}: '{where}': must not be empty")
 
 
+ALPACA_DEMO_QUERIES = 999
+"""Queries in the default query source (LLaMA-Factory's alpaca_en_demo.json)."""
 NonNegative = Range(0)
 Positive = Range(0, open_low=True)
 AtLeastOne = Range(1)
@@ -362,6 +364,12 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
                          "above it; a run folder holds one run's files (e.g. runs/demo)")
     if cfg.task.kind == "translation" and cfg.task.source == "demo":
         raise DeliaError(f"{path}: 'task.source': a translation task reads pairs (e.g. data/en-is from `delia data en-is`)")
+    known_rows = cfg.task.train_rows if cfg.task.source == "demo" or cfg.task.train_rows else 0
+    wanted = cfg.sample.max_queries or math.floor(cfg.mix.ratio * known_rows + 0.5)  # as data.mix.diverse_count
+    if cfg.sample.queries == "alpaca_en_demo" and any(ARMS[a].needs_diverse for a in cfg.arms) and wanted > ALPACA_DEMO_QUERIES:
+        raise DeliaError(f"{path}: 'mix.ratio': {cfg.mix.ratio:g} x {known_rows} task rows asks for {wanted} diverse rows, "
+                         f"but sample.queries alpaca_en_demo has {ALPACA_DEMO_QUERIES} queries; give sample.queries a "
+                         "larger query file (the full Alpaca set has 52,002) or lower mix.ratio")
     if cfg.baselines.arithmetic_lambdas and cfg.task.kind != "formatted":
         raise DeliaError(f"{path}: 'baselines.arithmetic_lambdas': tuned by format accuracy, so formatted tasks only")
     if cfg.generation.backend == "openai" and not cfg.generation.base_url:

@@ -140,6 +140,9 @@ def stage_sample(cfg: RunConfig) -> dict:
         conversations, provenance = magpie_queries(cfg, want, folder)
     else:
         conversations, provenance = load_queries(cfg.sample.queries)
+        if len(conversations) < want:
+            raise DeliaError(f"{cfg.sample.queries}: {len(conversations)} queries, but {want} diverse rows are needed "
+                             f"(mix.ratio {cfg.mix.ratio:g} x {n_task} task rows); give a larger query set or lower mix.ratio")
     path, stats = sample_diverse(conversations, cfg.model, cfg.sample, want, folder, cfg.seed, cfg.generation)
     return stage.finish(diverse=str(path), queries=provenance, **stats)
 
