@@ -500,10 +500,11 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
         write_jsonl(run.eval(arm) / "controls.jsonl", control_generations)
         general = read_jsonl(run.general) if run.general.exists() else []
         if general:
-            metrics["leakage"], answers = _leakage(cfg, arm, generator, general, train_rows)
+            prompts = _general_prompts(cfg, arm, general, train_rows)  # as the arm is deployed: both use them
+            metrics["leakage"], answers = _leakage(cfg, arm, generator, general, prompts)
             write_jsonl(run.eval(arm) / "general.jsonl", [{"query": g["messages"][-1]["content"], "answer": text,
                                                            "tokens": n} for g, (text, n) in zip(general, answers)])
-            metrics["drift"] = _drift(cfg, arm, generator, general, train_rows)
+            metrics["drift"] = _drift(cfg, arm, generator, general, prompts)
     write_jsonl(run.eval(arm) / "generations.jsonl", generations)
     write_json(run.eval(arm) / "metrics.json", metrics)
     return stage.finish(placement=placement_of(cfg) if gen.backend == "local" else gen.backend, **metrics)
@@ -543,7 +544,7 @@ def _general_prompts(cfg: RunConfig, arm: str, general: list[dict], train_rows: 
     return [r["messages"] for r in rows]
 
 
-def _leakage(cfg: RunConfig, arm: str, generator, general: list[dict], train_rows: list[dict]):
+def _leakage(cfg: RunConfig, arm: str, generator, general: list[dict], prompts: list[list[dict]]):
     """(leakage figures, the arm's answers) on the held-out general queries; the untouched model's answers
     are its own (stage `general`)."""
     from .evaluate.formatted import generate_answers, leakage
@@ -552,12 +553,12 @@ def _leakage(cfg: RunConfig, arm: str, generator, general: list[dict], train_row
     if ARMS[arm].is_base_model:
         answers = [(g["answer"], g["tokens"]) for g in general]
     else:
-        answers = generate_answers(generator, _general_prompts(cfg, arm, general, train_rows), budget, cfg.seed,
+        answers = generate_answers(generator, prompts, budget, cfg.seed,
                                    desc="general queries")
     return leakage(answers, [g["tokens"] for g in general], cfg.task, budget), answers
 
 
-def _drift(cfg: RunConfig, arm: str, generator, general: list[dict], train_rows: list[dict]) -> dict:
+def _drift(cfg: RunConfig, arm: str, generator, general: list[dict], prompts: list[list[dict]]) -> dict:
     """Mean per-token KL from the untouched model to the arm on the untouched model's answers, and the
     arm's NLL of the first `controls.general_max_new_tokens` tokens of the reference answers
     (`delia.analysis.drift`); with the weights on this machine
@@ -565,7 +566,6 @@ def _drift(cfg: RunConfig, arm: str, generator, general: list[dict], train_rows:
     from .analysis.drift import kl_per_token, nll_per_token
 
     lm = (generator.model, generator.tokenizer) if cfg.generation.backend == "local" else arm_model(cfg, arm)
-    prompts = _general_prompts(cfg, arm, general, train_rows)
     length, batch = cfg.train.max_length, cfg.controls.batch_size
     kl = kl_per_token(base_model(cfg), [(g["messages"], g["answer"]) for g in general],
                       lm, [(p, g["answer"]) for p, g in zip(prompts, general)], length, batch)
