@@ -367,9 +367,10 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
     known_rows = cfg.task.train_rows if cfg.task.source == "demo" or cfg.task.train_rows else 0
     wanted = cfg.sample.max_queries or math.floor(cfg.mix.ratio * known_rows + 0.5)  # as data.mix.diverse_count
     if cfg.sample.queries == "alpaca_en_demo" and any(ARMS[a].needs_diverse for a in cfg.arms) and wanted > ALPACA_DEMO_QUERIES:
-        raise DeliaError(f"{path}: 'mix.ratio': {cfg.mix.ratio:g} x {known_rows} task rows asks for {wanted} diverse rows, "
-                         f"but sample.queries alpaca_en_demo has {ALPACA_DEMO_QUERIES} queries; give sample.queries a "
-                         "larger query file (the full Alpaca set has 52,002) or lower mix.ratio")
+        why = (f"'sample.max_queries': asks for {wanted}" if cfg.sample.max_queries else
+               f"'mix.ratio': {cfg.mix.ratio:g} x {known_rows} task rows asks for {wanted}")
+        raise DeliaError(f"{path}: {why} diverse rows, but sample.queries alpaca_en_demo has {ALPACA_DEMO_QUERIES} "
+                         "queries; give sample.queries a larger query file (the full Alpaca set has 52,002) or ask for fewer")
     if cfg.baselines.arithmetic_lambdas and cfg.task.kind != "formatted":
         raise DeliaError(f"{path}: 'baselines.arithmetic_lambdas': tuned by format accuracy, so formatted tasks only")
     if cfg.generation.backend == "openai" and not cfg.generation.base_url:
