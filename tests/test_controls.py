@@ -90,6 +90,14 @@ def test_kl_of_the_untouched_model_to_itself_is_exactly_zero_and_positive_after_
         changed[0].model.layers[0].mlp.down_proj.weight.mul_(1.5)
     moved = kl_per_token(untouched, rows, changed, rows, 128, batch_size=3)
     assert moved["kl"] > 0 and moved["tokens"] == same["tokens"]
+    # per row, in the rows' order (batches run by length): each row's figure as if measured alone
+    uneven = [(m, a * (i + 1)) for i, (m, a) in enumerate(reversed(rows))]
+    both = kl_per_token(untouched, uneven, changed, uneven, 128, batch_size=2)
+    for i, row in enumerate(uneven):
+        alone = kl_per_token(untouched, [row], changed, [row], 128)
+        assert both["per_row"][i][1] == alone["tokens"]
+        assert abs(both["per_row"][i][0] - alone["kl"] * alone["tokens"]) < 1e-3
+    assert both["per_row"][0][1] < both["per_row"][-1][1]
     nll = nll_per_token(*untouched, rows, 128)
     assert nll["nll"] > 0 and nll["tokens"] == same["tokens"]
 

@@ -143,3 +143,19 @@ def test_a_kill_while_a_checkpoint_is_written_keeps_the_earlier_one(tiny_model_d
     assert resumed["resumed_from_step"] == 2 and resumed["steps"] == 6
     assert resumed["trained_tokens"] == whole["trained_tokens"]
     assert resumed["train_loss"] == pytest.approx(whole["train_loss"], abs=1e-4)
+
+
+@pytest.mark.parametrize("variant", ["dora", "rslora"])
+def test_lora_variants_train_and_load_back_through_peft(tiny_model_dir, tmp_path, variant):
+    import json
+
+    from delia.model.loading import load_model
+
+    rows = [{"messages": MESSAGES, "source": "task"}] * 4
+    cfg = TrainConfig(batch_size=2, micro_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, lora_variant=variant)
+    train_lora(*load_model(tiny_model_dir), rows, cfg, TaskConfig(), tmp_path, seed=0)
+    saved = json.loads((tmp_path / "adapter" / "adapter_config.json").read_text())
+    assert saved["use_dora"] == (variant == "dora") and saved["use_rslora"] == (variant == "rslora")
+    model, _ = load_adapter(*load_model(tiny_model_dir), tmp_path / "adapter")
+    names = [n for n, _ in model.named_parameters()]
+    assert any("lora_magnitude_vector" in n for n in names) == (variant == "dora")

@@ -165,6 +165,9 @@ class TrainConfig:
     lora_r: Annotated[int, AtLeastOne] = 16
     lora_alpha: Annotated[int, AtLeastOne] = 16
     lora_dropout: Annotated[float, Range(0, 1)] = 0.05
+    lora_variant: Literal["lora", "dora", "rslora"] = "lora"
+    """`lora` (the paper's), `dora` (weight-decomposed, peft use_dora) or `rslora` (rank-stabilised
+    scaling alpha / sqrt(r), peft use_rslora); for every arm that trains."""
     target_modules: Annotated[list[Annotated[str, NonEmpty]], NonEmpty] = field(default_factory=lambda: ["q_proj", "k_proj", "v_proj", "o_proj"])
     learning_rate: Annotated[float, Positive] = 2e-4
     epochs: Annotated[float, Positive] = 1.0

@@ -502,9 +502,10 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
         if general:
             prompts = _general_prompts(cfg, arm, general, train_rows)  # as the arm is deployed: both use them
             metrics["leakage"], answers = _leakage(cfg, arm, generator, general, prompts)
-            write_jsonl(run.eval(arm) / "general.jsonl", [{"query": g["messages"][-1]["content"], "answer": text,
-                                                           "tokens": n} for g, (text, n) in zip(general, answers)])
-            metrics["drift"] = _drift(cfg, arm, generator, general, prompts)
+            metrics["drift"], kl_rows = _drift(cfg, arm, generator, general, prompts)
+            write_jsonl(run.eval(arm) / "general.jsonl", [
+                {"query": g["messages"][-1]["content"], "answer": text, "tokens": n, "kl_sum": kl, "kl_tokens": m}
+                for g, (text, n), (kl, m) in zip(general, answers, kl_rows)])
     write_jsonl(run.eval(arm) / "generations.jsonl", generations)
     write_json(run.eval(arm) / "metrics.json", metrics)
     return stage.finish(placement=placement_of(cfg) if gen.backend == "local" else gen.backend, **metrics)
@@ -558,10 +559,11 @@ def _leakage(cfg: RunConfig, arm: str, generator, general: list[dict], prompts: 
     return leakage(answers, [g["tokens"] for g in general], cfg.task, budget), answers
 
 
-def _drift(cfg: RunConfig, arm: str, generator, general: list[dict], prompts: list[list[dict]]) -> dict:
+def _drift(cfg: RunConfig, arm: str, generator, general: list[dict],
+           prompts: list[list[dict]]) -> tuple[dict, list[tuple[float, int]]]:
     """Mean per-token KL from the untouched model to the arm on the untouched model's answers, and the
     arm's NLL of the first `controls.general_max_new_tokens` tokens of the reference answers
-    (`delia.analysis.drift`); with the weights on this machine
+    (`delia.analysis.drift`), and per query its (summed KL, tokens); with the weights on this machine
     (model arithmetic is measured on its plain model: it changes nothing on prompts without the token)."""
     from .analysis.drift import kl_per_token, nll_per_token
 
@@ -571,7 +573,7 @@ def _drift(cfg: RunConfig, arm: str, generator, general: list[dict], prompts: li
                       lm, [(p, g["answer"]) for p, g in zip(prompts, general)], length, batch)
     refs = [(p, g["reference"]) for p, g in zip(prompts, general) if g.get("reference")]
     nll = nll_per_token(*lm, refs, length, batch, max_answer_tokens=cfg.controls.general_max_new_tokens)
-    return {"kl": kl["kl"], "kl_tokens": kl["tokens"], "nll": nll["nll"], "nll_tokens": nll["tokens"]}
+    return {"kl": kl["kl"], "kl_tokens": kl["tokens"], "nll": nll["nll"], "nll_tokens": nll["tokens"]}, kl["per_row"]
 
 
 def _score(cfg: RunConfig, generator, rows: list[dict], budget: int) -> tuple[dict, list[dict]]:

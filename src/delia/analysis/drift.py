@@ -60,22 +60,25 @@ def _by_length(rows: list[tuple[list[dict], str]]) -> list[int]:
 
 def kl_per_token(untouched, untouched_rows: list[tuple[list[dict], str]], arm, arm_rows: list[tuple[list[dict], str]],
                  max_length: int, batch_size: int = 8) -> dict:
-    """Mean KL(untouched || arm) per answer token over all rows. `untouched` and `arm` are (model,
+    """Mean KL(untouched || arm) per answer token over all rows, and per row its (KL summed over its
+    tokens, tokens), in the rows' order (for paired comparisons). `untouched` and `arm` are (model,
     tokenizer); row i of each holds the same answer, each prompted as that model is."""
-    total, tokens = 0.0, 0
+    per_row = [(0.0, 0)] * len(arm_rows)
     order = _by_length(arm_rows)  # batches of similar lengths: little padding
+    rows = iter(order)
     for ref_batch, arm_batch in zip(_batches(*untouched, [untouched_rows[i] for i in order], max_length, batch_size),
                                     _batches(*arm, [arm_rows[i] for i in order], max_length, batch_size)):
         for (ref, _), (other, _) in zip(ref_batch, arm_batch):
+            i = next(rows)
             n = min(len(ref), len(other))  # the same answer: align its tokens from the end
             if not n:
                 continue
             vocab = min(ref.shape[-1], other.shape[-1])  # the untouched vocabulary (an arm only adds tokens)
             ref_logp = torch.log_softmax(ref[-n:], -1)[:, :vocab]
             arm_logp = torch.log_softmax(other[-n:], -1)[:, :vocab]
-            total += float((ref_logp.exp() * (ref_logp - arm_logp)).sum())
-            tokens += n
-    return {"kl": total / tokens if tokens else None, "tokens": tokens}
+            per_row[i] = (float((ref_logp.exp() * (ref_logp - arm_logp)).sum()), n)
+    total, tokens = sum(k for k, _ in per_row), sum(n for _, n in per_row)
+    return {"kl": total / tokens if tokens else None, "tokens": tokens, "per_row": per_row}
 
 
 def nll_per_token(model, tokenizer, rows: list[tuple[list[dict], str]], max_length: int, batch_size: int = 8,

@@ -115,7 +115,7 @@ def lora_config(cfg: TrainConfig, embed_name: str, new_ids: list[int]):
     targets = list(cfg.target_modules) + ([embed_name] if mode == "lora" else [])
     return LoraConfig(
         r=cfg.lora_r, lora_alpha=cfg.lora_alpha, lora_dropout=cfg.lora_dropout, target_modules=targets,
-        task_type="CAUSAL_LM",
+        task_type="CAUSAL_LM", use_dora=cfg.lora_variant == "dora", use_rslora=cfg.lora_variant == "rslora",
         trainable_token_indices={embed_name: new_ids} if mode == "trainable_tokens" else None,
         modules_to_save=[embed_name] if mode == "full" else None,
     )
