@@ -87,6 +87,11 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     pivot = report.split("## Format accuracy by mix.ratio (held-out wordings)")[1].split("##")[0]
     assert [line.count("%") for line in pivot.splitlines() if line.startswith("| DELIA")] == [2]
     assert "middle block, by mix.ratio" in report
+    # each arm against DELIA, paired over the two seeds and their rows
+    paired = report.split("### Against DELIA: paired bootstrap over 2 seed(s)")[1].split("\n\n")[1]
+    untouched = paired.splitlines()[2]
+    assert untouched.startswith("| Untouched model | +0.0 [") and untouched.count("[") == 2
+    assert untouched.endswith("| **yes** |")  # DELIA moved the tiny model on every general query: the untouched one is 0
     assert report.count("Seconds per seed") == 1 and "exp/all/seed-0/analysis/divergent.png" in report
     # the ratio-3 run of seed 0 answered only the queries the ratio-2 run had not
     sample = json.loads((experiment / "exp" / "more-diverse" / "seed-0" / "sample" / "manifest.json").read_text())

@@ -84,14 +84,46 @@ def tradeoff(exp: dict, results: list[dict]) -> list[dict]:
     return points
 
 
+def paired_table(results: list[dict], run: str) -> list[str]:
+    """Each arm against DELIA in the same run: held-out-wording format accuracy and drift, the
+    difference and its paired bootstrap interval over seeds and rows (`delia.report.bootstrap`)."""
+    from .bootstrap import CONFIDENCE, RESAMPLES, paired
+
+    rows = [r for r in results if r["run"] == run]
+    if not rows or not all("delia" in r["arms"] for r in rows):
+        return []
+    found = paired([r["run_dir"] for r in rows], list(rows[0]["arms"]))
+    if not found:
+        return []
+
+    def cell(d: dict | None, scale: float, digits: int) -> list[str]:
+        if not d:
+            return ["-", "-"]
+        f = f"{{:+.{digits}f}}"
+        return [f"{f.format(scale * d['diff'])} [{f.format(scale * d['low'])}, {f.format(scale * d['high'])}]",
+                "**yes**" if d["beyond_noise"] else "no"]
+
+    pct = f"{100 * CONFIDENCE:.0f} %"
+    lines = [f"### Against DELIA: paired bootstrap over {len(rows)} seed(s) and their rows ({RESAMPLES:,} "
+             f"resamples, {pct} interval)", "",
+             f"| Arm | Held-out format, arm − DELIA (points) [{pct}] | Beyond noise | "
+             f"KL, arm − DELIA (nats/token) [{pct}] | Beyond noise |", "|---|---|---|---|---|"]
+    for arm, d in found.items():
+        lines.append("| " + " | ".join([label(arm)] + cell(d.get("heldout"), 100, 1) + cell(d.get("kl"), 1, 3)) + " |")
+    return lines
+
+
 def costs_tables(exp: dict, results: list[dict]) -> list[str]:
-    """Controls, drift and leakage per run (mean ± sd over seeds) and the arms on the trade-off front."""
+    """Controls, drift and leakage per run (mean ± sd over seeds), each arm against DELIA, and the arms
+    on the trade-off front."""
     lines = []
     for run in exp["runs"]:
         arms = per_arm(results, run["name"])
         tables = controls_table(arms) + drift_table(arms, {})
         if tables:
             lines += ["", f"## Costs and controls: {run['name']}", ""] + [t.replace("## ", "### ", 1) for t in tables]
+        if paired_lines := paired_table(results, run["name"]):
+            lines += [""] + paired_lines
     if points := tradeoff(exp, results):
         lines += ["", tradeoff_words(points), "", f"![format accuracy against drift]({exp['dir']}/tradeoff.png)"]
     return lines
