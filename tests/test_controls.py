@@ -129,6 +129,10 @@ def test_general_queries_are_disjoint_from_the_sampled_ones_and_every_arm_gets_c
     for heading in ("Does the format follow the token", "What tuning costs on general queries", "On the front"):
         assert heading in report, heading
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
+    # 4 new tokens: the tiny model's answers are cut; the mix carries the flag that masks their end-of-turn
+    mixed = [r for r in read_jsonl(tmp_path / "mix" / "delia.jsonl") if r["source"] == "diverse"]
+    assert mixed and all(r["open_end"] and not r["ended"] for r in mixed)
+    assert f"did not end by themselves (cut at sample.max_new_tokens 4): {len(mixed)} of {len(mixed)} rows" in report
 
 
 @pytest.mark.parametrize("bad", ["controls.rows=-1", "controls.other_token=<sep>", "controls.negated=[no token here]",

@@ -55,3 +55,25 @@ def test_rows_record_prompt_style(tiny_model_dir, tmp_path):
     rows = [json.loads(l) for l in path.read_text().splitlines()]
     assert rows and all(r["prompt_style"] == "reference" and r["source"] == "diverse" for r in rows)
     assert rows[0]["messages"][0]["content"] == QUERIES[0][0]["content"]
+
+
+@pytest.mark.parametrize("mode", ["mask", "drop", "keep"])
+def test_answers_cut_at_the_token_limit_are_recorded_and_handled(tiny_model_dir, tmp_path, monkeypatch, mode):
+    real = LocalGenerator.batches
+
+    def some_end_early(self, *a, **kw):  # the tiny random model never ends by itself in 6 tokens
+        for batch in real(self, *a, **kw):
+            yield [(r, text, 2 if int(r.key[0], 16) < 8 else n) for r, text, n in batch]
+
+    monkeypatch.setattr(LocalGenerator, "batches", some_end_early)
+    queries = [[{"role": "user", "content": f"Give {i} tips."}] for i in range(30)]
+    cfg = SampleConfig(max_new_tokens=6, batch_size=4, cut_answers=mode)
+    path, stats = sample_mod.sample_diverse(queries, ModelConfig(name=tiny_model_dir), cfg, 8, tmp_path, seed=1)
+    rows = [json.loads(line) for line in path.read_text().splitlines()]
+    assert len(rows) == stats["rows"] == 8 and stats["cut_answers"] == mode
+    assert stats["cut_rows"] == sum(not r["ended"] for r in rows)
+    if mode == "drop":  # cut answers give no row: further queries were asked
+        assert all(r["ended"] for r in rows) and stats["requested"] > 8 and stats["cut_asked"] > 0
+    else:
+        assert 0 < stats["cut_rows"] < 8 and stats["requested"] == 8
+    assert [r.get("open_end", False) for r in rows] == [mode == "mask" and not r["ended"] for r in rows]

@@ -159,3 +159,19 @@ def test_lora_variants_train_and_load_back_through_peft(tiny_model_dir, tmp_path
     model, _ = load_adapter(*load_model(tiny_model_dir), tmp_path / "adapter")
     names = [n for n, _ in model.named_parameters()]
     assert any("lora_magnitude_vector" in n for n in names) == (variant == "dora")
+
+
+def test_a_cut_answer_trains_its_text_but_not_the_end_of_turn(tiny):
+    from delia.model.chat import IGNORE, tokenize_chat
+
+    _, tokenizer = tiny
+    end = tokenizer.convert_tokens_to_ids("<|im_end|>")
+    whole = tokenize_chat(tokenizer, MESSAGES, 256)
+    cut = tokenize_chat(tokenizer, MESSAGES, 256, open_end=True)
+    assert whole["input_ids"] == cut["input_ids"]
+    trained = [i for i, label in enumerate(whole["labels"]) if label != IGNORE]
+    trained_cut = [i for i, label in enumerate(cut["labels"]) if label != IGNORE]
+    assert end in [whole["input_ids"][i] for i in trained] and end not in [cut["input_ids"][i] for i in trained_cut]
+    assert trained_cut == trained[: len(trained_cut)] and len(trained) - len(trained_cut) <= 2  # end-of-turn, newline
+    text = tokenizer.decode([cut["input_ids"][i] for i in trained_cut])
+    assert text.strip() == MESSAGES[-1]["content"]

@@ -138,6 +138,10 @@ class SampleConfig:
     batch_size: Annotated[int, AtLeastOne] = 16
     max_queries: Annotated[int, NonNegative] = 0
     """0 = as many as `mix.ratio` needs."""
+    cut_answers: Literal["mask", "drop", "keep"] = "mask"
+    """An answer that reaches `max_new_tokens` did not end by itself: `mask` trains its text but not the
+    end-of-turn after it (the model is not taught to stop mid-sentence), `drop` leaves it out and asks
+    further queries instead (as for an empty answer), `keep` trains it as if whole."""
 
 
 @dataclass

@@ -44,16 +44,24 @@ def sample_diverse(
     seed: int,
     generation: GenerationConfig | None = None,
 ) -> tuple[Path, dict]:
-    """Answer queries in order until `n` have a non-empty answer; write `diverse.jsonl` in query order.
-    Returns (path, stats)."""
+    """Answer queries in order until `n` have a usable answer (not empty; with `cut_answers: drop`, not
+    cut at `max_new_tokens`); write `diverse.jsonl` in query order, each row saying whether its answer
+    ended by itself (`ended`) and, when `cut_answers` is `mask` and it did not, that its end-of-turn
+    carries no loss (`open_end`). Returns (path, stats)."""
     out_dir.mkdir(parents=True, exist_ok=True)
     settings = {"model": model_cfg.name, "style": cfg.prompt_style, "max_new_tokens": cfg.max_new_tokens,
                 "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed}
     requests, queries = [], []
     done: dict = {}
     cached = None
-    # an empty answer gives no row: ask the next queries until n rows are in hand (or the queries end)
-    while (have := sum(bool(done[r.key]["answer"]) for r in requests)) < n and len(requests) < len(conversations):
+    def ended(answer: dict) -> bool:
+        return answer["tokens"] < cfg.max_new_tokens
+
+    def usable(answer: dict) -> bool:
+        return bool(answer["answer"]) and (cfg.cut_answers != "drop" or ended(answer))
+
+    # an unusable answer gives no row: ask the next queries until n rows are in hand (or the queries end)
+    while (have := sum(usable(done[r.key]) for r in requests)) < n and len(requests) < len(conversations):
         for i in range(len(requests), min(len(requests) + n - have, len(conversations))):
             query, prompt = build_prompt(conversations[i], cfg.prompt_style, f"query {i + 1}")
             queries.append(query)
@@ -65,13 +73,19 @@ def sample_diverse(
         cached = from_cache if cached is None else cached
     rows = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": done[r.key]["answer"]}],
-         "source": "diverse", "prompt_style": cfg.prompt_style}
+         "source": "diverse", "prompt_style": cfg.prompt_style, "ended": ended(done[r.key])}
+        | ({"open_end": True} if cfg.cut_answers == "mask" and not ended(done[r.key]) else {})
         for q, r in zip(queries, requests)
-        if done[r.key]["answer"]
+        if usable(done[r.key])
     ][:n]
     path = out_dir / "diverse.jsonl"
     write_jsonl(path, rows)
-    stats = {"rows": len(rows), "requested": len(requests), "empty_answers": len(requests) - len(rows),
+    cut = sum(not r["ended"] for r in rows)
+    stats = {"rows": len(rows), "requested": len(requests),
+             "empty_answers": sum(not done[r.key]["answer"] for r in requests),
+             "cut_rows": cut, "cut_share": round(cut / len(rows), 4) if rows else 0.0,
+             "cut_asked": sum(bool(done[r.key]["answer"]) and not ended(done[r.key]) for r in requests),
+             "cut_answers": cfg.cut_answers,
              "generated_tokens": sum(done[r.key]["tokens"] for r in requests),
              "resumed_from_cache": cached or 0}
     return path, stats

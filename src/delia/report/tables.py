@@ -112,6 +112,12 @@ def render(data: dict) -> str:
     cut = [f"{label(a)} {r['metrics'].get('hit_token_limit', 0)}" for a, r in arms.items()]
     if cut:
         lines += [f"Answers cut at the token limit: {', '.join(cut)}.", ""]
+    if (sampled := data["stages"].get("sample", {})).get("cut_answers"):
+        lines += [f"Self-sampled answers that did not end by themselves (cut at sample.max_new_tokens "
+                  f"{cfg['sample']['max_new_tokens']}): {sampled['cut_rows']} of {sampled['rows']} rows "
+                  f"({100 * sampled['cut_share']:.1f} %); handled by `{sampled['cut_answers']}` "
+                  + {"mask": "(their end-of-turn carries no loss).", "drop": f"({sampled['cut_asked']} dropped, "
+                     "further queries asked).", "keep": "(trained as if whole)."}[sampled["cut_answers"]], ""]
     tr = cfg["train"]
     lines += ["## Settings", "",
               f"LoRA r {tr['lora_r']}, alpha {tr['lora_alpha']}, dropout {tr['lora_dropout']} on "

@@ -152,7 +152,7 @@ def _examples(tokenizer, rows: list[dict], max_length: int, distill: str = "", t
     """Tokenized rows that keep at least one assistant token after truncation (with their KL fields for a
     `distill` mode, see delia.train.distill)."""
     tokenizer.padding_side = "right"
-    pairs = [(r, tokenize_chat(tokenizer, r["messages"], max_length)) for r in rows]
+    pairs = [(r, tokenize_chat(tokenizer, r["messages"], max_length, r.get("open_end", False))) for r in rows]
     pairs = [(r, e) for r, e in pairs if any(label != IGNORE for label in e["labels"])]
     examples = [distill_example(tokenizer, r, e, distill, task, max_length) if distill else e for r, e in pairs]
     if not examples:
