@@ -20,7 +20,7 @@ COMPARISONS = (EPOCH, EQUAL_STEPS)
 REFERENCE = "delia"
 """The arm whose optimizer steps the equal-steps arms match; it closes every table."""
 EQUAL_STEPS_SUFFIX = "_equal_steps"
-ALL_BACKENDS = ("local", "vllm", "openai")
+ALL_BACKENDS = ("local", "ctranslate2", "vllm", "openai")
 
 
 @dataclass(frozen=True)

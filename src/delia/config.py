@@ -68,9 +68,14 @@ class ModelConfig:
 
 @dataclass
 class GenerationConfig:
-    backend: Literal["local", "vllm", "openai"] = "local"
-    """`local` (transformers, batched), `vllm` (vLLM offline engine, GPUs) or `openai` (any
-    OpenAI-compatible chat completions server)."""
+    backend: Literal["local", "ctranslate2", "vllm", "openai"] = "local"
+    """`local` (transformers, batched), `ctranslate2` (CTranslate2 on CPU or CUDA, the model converted
+    once into the cache), `vllm` (vLLM offline engine, GPUs) or `openai` (any OpenAI-compatible chat
+    completions server)."""
+    compute_type: Literal["float32", "int8"] = "float32"
+    """For `ctranslate2`: the weights' type. int8 is faster and moves the distribution a little (see README)."""
+    threads: Annotated[int, NonNegative] = 0
+    """For `ctranslate2`: threads per batch (0 = CTranslate2's default, every core)."""
     base_url: str = ""
     """For `openai`: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
     server_model: str = ""

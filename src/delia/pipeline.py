@@ -45,11 +45,25 @@ def base_model(cfg: RunConfig):
                       "cpu" if world()[1] > 1 else cfg.model.device)
 
 
+WEIGHTS_HERE = ("local", "ctranslate2")
+"""Backends that run the weights on this machine: an arm's model can be changed (a control token added)."""
+
+
 def placement_of(cfg: RunConfig) -> str:
     """Where this machine puts the model, for the manifests: e.g. `cpu float32`."""
     from .model.loading import placement
 
     return " ".join(placement(cfg.model.device, cfg.model.dtype))
+
+
+def generation_placement(cfg: RunConfig) -> str:
+    """Where generation runs, for the manifests: `cpu float32`, `ctranslate2 cpu int8`, or the backend."""
+    gen = cfg.generation
+    if gen.backend == "ctranslate2":
+        from .model.generate import ct2_device
+
+        return f"ctranslate2 {ct2_device(cfg.model.device)} {gen.compute_type}"
+    return placement_of(cfg) if gen.backend == "local" else gen.backend
 
 
 def stage_task(cfg: RunConfig) -> dict:
@@ -144,7 +158,7 @@ def stage_sample(cfg: RunConfig) -> dict:
             raise DeliaError(f"{cfg.sample.queries}: {len(conversations)} queries, but {want} diverse rows are needed "
                              f"(mix.ratio {cfg.mix.ratio:g} x {n_task} task rows); give a larger query set or lower mix.ratio")
     path, stats = sample_diverse(conversations, cfg.model, cfg.sample, want, folder, cfg.seed, cfg.generation)
-    return stage.finish(diverse=str(path), queries=provenance, **stats)
+    return stage.finish(diverse=str(path), queries=provenance, placement=generation_placement(cfg), **stats)
 
 
 def stage_general(cfg: RunConfig) -> dict:
@@ -191,7 +205,7 @@ def stage_general(cfg: RunConfig) -> dict:
     rows = [{"messages": r.messages, "reference": ref, "answer": answers[r.key]["answer"],
              "tokens": answers[r.key]["tokens"]} for r, (_, ref) in zip(requests, picked)]
     write_jsonl(run.general, rows)
-    return stage.finish(rows=len(rows), placement=placement_of(cfg), with_reference=sum(r["reference"] is not None for r in rows),
+    return stage.finish(rows=len(rows), placement=generation_placement(cfg), with_reference=sum(r["reference"] is not None for r in rows),
                         skipped_sampled=len(used), untouched_mean_tokens=_mean([r["tokens"] for r in rows]),
                         untouched_cut=_mean([r["tokens"] >= c.general_max_new_tokens for r in rows]))
 
@@ -409,7 +423,7 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int, extra_tokens: tuple
     from .model.generate import LocalGenerator, make_generator
 
     a = ARMS[arm]
-    if cfg.generation.backend not in a.backends or (extra_tokens and cfg.generation.backend != "local"):
+    if cfg.generation.backend not in a.backends or (extra_tokens and cfg.generation.backend not in WEIGHTS_HERE):
         raise DeliaError(f"arm '{arm}': evaluated with the local backend only (generation.backend is "
                          f"{cfg.generation.backend!r})")
     if cfg.generation.backend == "openai":
@@ -419,9 +433,15 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int, extra_tokens: tuple
                              f"so each arm reaches its own model (e.g. `delia serve CONFIG --name {arm} --adapter "
                              f"{paths(cfg).adapter(arm)}`)")
         return make_generator(cfg.model, cfg.generation, batch_size, served_name=name.replace("{arm}", arm))
-    if cfg.generation.backend == "vllm":
+    if cfg.generation.backend == "vllm" or (cfg.generation.backend == "ctranslate2" and not extra_tokens):
         return make_generator(cfg.model, cfg.generation, batch_size, path=str(stage_export(cfg, arm)) if a.trained else "")
     model, tokenizer = arm_model(cfg, arm, extra_tokens)
+    if cfg.generation.backend == "ctranslate2":  # with a control token: the model as it is in memory
+        from .model.ct2 import CT2Generator
+        from .model.generate import ct2_device
+
+        return CT2Generator.from_model(model, tokenizer, batch_size=batch_size, compute_type=cfg.generation.compute_type,
+                                       device=ct2_device(cfg.model.device), threads=cfg.generation.threads)
     if a.decoding == "arithmetic":
         from .model.arithmetic import ArithmeticGenerator
 
@@ -508,7 +528,7 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
                 for g, (text, n), (kl, m) in zip(general, answers, kl_rows)])
     write_jsonl(run.eval(arm) / "generations.jsonl", generations)
     write_json(run.eval(arm) / "metrics.json", metrics)
-    return stage.finish(placement=placement_of(cfg) if gen.backend == "local" else gen.backend, **metrics)
+    return stage.finish(placement=generation_placement(cfg), **metrics)
 
 
 def _controls(cfg: RunConfig, arm: str, generator, eval_rows: list[dict], train_rows: list[dict],
@@ -523,7 +543,7 @@ def _controls(cfg: RunConfig, arm: str, generator, eval_rows: list[dict], train_
     rows = control_rows(eval_rows, cfg.task, cfg.controls)
     if a.prompt:
         rows = PROMPTS[a.prompt].rewrite(cfg, rows, train_rows)
-    if cfg.generation.backend == "local":
+    if cfg.generation.backend in WEIGHTS_HERE:
         other = arm_generator(cfg, arm, cfg.evaluate.batch_size, extra_tokens=(cfg.controls.other_token,))
         if a.decoding == "arithmetic":
             other.lam = generator.lam  # the lambda the evaluation used

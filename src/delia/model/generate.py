@@ -1,5 +1,5 @@
-"""One generation interface (`Generator`), three backends: local transformers (batched), vLLM offline
-(`vllm.LLM`, tensor parallel on GPUs) and any OpenAI-compatible server; model arithmetic decodes
+"""One generation interface (`Generator`), four backends: local transformers (batched), CTranslate2
+(`delia.model.ct2`), vLLM offline (`vllm.LLM`, tensor parallel on GPUs) and any OpenAI-compatible server; model arithmetic decodes
 through the same interface (`delia.model.arithmetic`).
 
 Local requests are sorted by prompt length and left-padded, so a batch wastes little compute on padding;
@@ -50,6 +50,14 @@ def batch_seed(seed: int, keys: Sequence[str]) -> int:
     return int.from_bytes(digest[:8], "little") % (2**63)
 
 
+def length_sorted_chunks(encoded: list[tuple[list[int], Request]], batch_size: int):
+    """(prompt ids, request) pairs in batches of similar prompt length (ties in request order): little
+    padding, and the same batches again for the requests a resumed run still has to answer."""
+    order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
+    for start in range(0, len(order), batch_size):
+        yield [encoded[i] for i in order[start : start + batch_size]]
+
+
 class LocalGenerator:
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model = model
@@ -73,12 +81,10 @@ class LocalGenerator:
         (checked every step) ends a batch early with what it has (a server whose client went away)."""
         encoded = [(self.tokenizer(r.text, add_special_tokens=False)["input_ids"] if r.text else self.prompt_ids(r.messages), r)
                    for r in requests]
-        order = sorted(range(len(encoded)), key=lambda i: (len(encoded[i][0]), i))
         pad = self.tokenizer.pad_token_id
         eos = self._stop_ids()
         self.model.eval()
-        for start in range(0, len(order), self.batch_size):
-            chunk = [encoded[i] for i in order[start : start + self.batch_size]]
+        for chunk in length_sorted_chunks(encoded, self.batch_size):
             width = max(len(ids) for ids, _ in chunk)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in chunk])
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in chunk])
@@ -247,7 +253,21 @@ def make_generator(model_cfg, gen_cfg, batch_size: int, path: str = "", served_n
         return VLLMGenerator(path or resolve_model(model_cfg.name), max(batch_size, gen_cfg.vllm_batch_size),
                              gen_cfg.tensor_parallel_size, gen_cfg.gpu_memory_utilization,
                              "auto" if model_cfg.dtype in ("auto", "float32") else model_cfg.dtype, model_cfg.trust_remote_code)
-    from .loading import load_model
+    from .loading import load_model, resolve_model
 
+    if gen_cfg.backend == "ctranslate2":
+        from .ct2 import CT2Generator
+
+        return CT2Generator(path or resolve_model(model_cfg.name), batch_size, gen_cfg.compute_type,
+                            ct2_device(model_cfg.device), gen_cfg.threads, model_cfg.trust_remote_code)
     model, tokenizer = load_model(path or model_cfg.name, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.device)
     return LocalGenerator(model, tokenizer, batch_size)
+
+
+def ct2_device(device: str) -> str:
+    """`model.device` for CTranslate2: `auto` is CUDA when CTranslate2 sees a GPU, else the CPU."""
+    if device != "auto":
+        return device
+    import ctranslate2
+
+    return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
