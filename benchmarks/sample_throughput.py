@@ -1,88 +1,114 @@
-"""Generated tokens per second of delia's local backend (the `sample` stage's generator) against a
-plain batched `model.generate` loop and a per-request loop over the same requests (same batch size
-for the batched ones, same sampling settings), in one run on the same model.
+"""Generated tokens per second of the `sample` stage's backends on the same requests, in one run:
+delia's local backend (transformers, batched) at batch 16 and at its best batch, and the ctranslate2
+backend in float32 and int8 at their best batch and worker count, each with its share of this machine's measured peak
+(fp32 matmul; 2 x parameters FLOPs a generated token, attention left out), and the mean per-token
+KL(float32 || int8) of CTranslate2 on the float32 answers (teacher-forced, every answer token), beside
+KL(local || CTranslate2 float32) as the floor of numerical noise.
 
-    .venv/bin/python benchmarks/sample_throughput.py [--n 64] [--batch-size 16] [--max-new-tokens 128]
+    .venv/bin/python benchmarks/sample_throughput.py [--n 48] [--max-new-tokens 128]
 """
 
 from __future__ import annotations
 
 import argparse
+import os
 import platform
 import sys
 import time
+from pathlib import Path
 
+import numpy as np
 import torch
 
-from delia.data.queries import load_queries
-from delia.data.sample import build_prompt
-from delia.model.generate import LocalGenerator, Request
-from delia.model.loading import load_model
+sys.path.insert(0, str(Path(__file__).parent))
+from train_throughput import matmul_peak  # noqa: E402
+
+from delia.data.queries import load_queries  # noqa: E402
+from delia.data.sample import build_prompt  # noqa: E402
+from delia.model.ct2 import CT2Generator  # noqa: E402
+from delia.model.generate import LocalGenerator, Request  # noqa: E402
+from delia.model.loading import load_model, resolve_model  # noqa: E402
 
 
-def plain_loop(model, tokenizer, prompts, batch_size, max_new_tokens, seed):
-    """The loop a user writes: batches in dataset order, the tokenizer's left padding, generate."""
-    tokenizer.padding_side = "left"
-    tokens = 0
-    for start in range(0, len(prompts), batch_size):
-        texts = [tokenizer.apply_chat_template(p, add_generation_prompt=True, tokenize=False)
-                 for p in prompts[start : start + batch_size]]
-        enc = tokenizer(texts, return_tensors="pt", padding=True, add_special_tokens=False)
-        torch.manual_seed(seed + start)
-        with torch.inference_mode():
-            out = model.generate(**enc, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.95,
-                                 top_k=None, pad_token_id=tokenizer.pad_token_id)
-        new = out[:, enc["input_ids"].shape[1]:]
-        tokens += int(((new != tokenizer.pad_token_id) & (new != tokenizer.eos_token_id)).sum())
-    return tokens
+def timed(generator, requests, max_new_tokens) -> tuple[float, list]:
+    t = time.perf_counter()
+    out = [row for batch in generator.batches(requests, max_new_tokens, 0.7, 0.95, seed=0) for row in batch]
+    return time.perf_counter() - t, out
 
 
-def per_request_loop(model, tokenizer, prompts, max_new_tokens, seed):
-    """One `generate` call per request: what a user writes without batching."""
-    tokens = 0
-    for i, p in enumerate(prompts):
-        ids = tokenizer.apply_chat_template(p, add_generation_prompt=True, return_tensors="pt", return_dict=True)
-        torch.manual_seed(seed + i)
-        with torch.inference_mode():
-            out = model.generate(**ids, max_new_tokens=max_new_tokens, do_sample=True, temperature=0.7, top_p=0.95,
-                                 top_k=None, pad_token_id=tokenizer.pad_token_id)
-        new = out[0, ids["input_ids"].shape[1]:]
-        tokens += int((new != tokenizer.eos_token_id).sum())
-    return tokens
+def ct2_logprobs(gen: CT2Generator, sequences: list[list[int]]) -> list[np.ndarray]:
+    """Log-probabilities over the vocabulary at every position of each sequence (CTranslate2's forward pass)."""
+    out = []
+    for ids in sequences:
+        logits = np.array(gen.generator.forward_batch([gen.tokenizer.convert_ids_to_tokens(ids)]))[0]
+        out.append(torch.log_softmax(torch.from_numpy(logits).float(), -1).numpy())
+    return out
+
+
+def mean_kl(p_logs: list[np.ndarray], q_logs: list[np.ndarray], starts: list[int]) -> float:
+    """Mean over answer tokens of KL(p || q); row i's answer is predicted from position starts[i] - 1 on."""
+    total, n = 0.0, 0
+    for p, q, s in zip(p_logs, q_logs, starts):
+        p, q = p[s - 1 : -1], q[s - 1 : -1]
+        total += float((np.exp(p) * (p - q)).sum())
+        n += len(p)
+    return total / n
 
 
 def main() -> None:
     ap = argparse.ArgumentParser()
     ap.add_argument("--model", default="smollm2-135m-instruct")
-    ap.add_argument("--n", type=int, default=64)
-    ap.add_argument("--batch-size", type=int, default=16)
+    ap.add_argument("--n", type=int, default=48)
     ap.add_argument("--max-new-tokens", type=int, default=128)
+    ap.add_argument("--local-batches", default="16,32,48")
+    ap.add_argument("--ct2-batches", default="16,48")
     args = ap.parse_args()
-    model, tokenizer = load_model(args.model)
     conversations, _ = load_queries("alpaca_en_demo")
-    prompts = [build_prompt(c, "plain", "")[1] for c in conversations[: args.n]]
+    requests = [Request(key=str(i), messages=build_prompt(c, "plain", "")[1]) for i, c in enumerate(conversations[: args.n])]
+    peak, torch_threads = matmul_peak(), torch.get_num_threads()
+    model, tokenizer = load_model(args.model)
+    params = sum(p.numel() for p in model.parameters() if p.dim() > 1) - model.get_input_embeddings().weight.numel() * (
+        0 if model.config.tie_word_embeddings else 1)  # matmul weights; a tied embedding counts once (the output layer)
+    results = []
 
-    t = time.perf_counter()
-    gen = LocalGenerator(model, tokenizer, args.batch_size)
-    requests = [Request(key=str(i), messages=p) for i, p in enumerate(prompts)]
-    delia_tokens = sum(n for batch in gen.batches(requests, args.max_new_tokens, 0.7, 0.95, seed=0) for _, _, n in batch)
-    delia_s = time.perf_counter() - t
+    def record(name, seconds, rows):
+        tokens = sum(n for _, _, n in rows)
+        results.append((name, tokens, seconds))
+        print(f"{name:38s} {tokens:6d} tokens {seconds:7.1f} s {tokens / seconds:7.1f} tok/s "
+              f"{100 * 2 * params * tokens / seconds / 1e9 / peak:5.1f} % of peak", flush=True)
+        return rows
 
-    t = time.perf_counter()
-    plain_tokens = plain_loop(model, tokenizer, prompts, args.batch_size, args.max_new_tokens, seed=0)
-    plain_s = time.perf_counter() - t
+    for b in map(int, args.local_batches.split(",")):
+        record(f"local, batch {b}", *timed(LocalGenerator(model, tokenizer, b), requests, args.max_new_tokens))
+    folder = resolve_model(args.model)
+    answers = {}
+    for compute in ("float32", "int8"):
+        for b in map(int, args.ct2_batches.split(",")):
+            for workers in (1, 0):  # one worker on every core; the default (two one-thread workers here)
+                gen = CT2Generator(folder, b, compute, "cpu", workers=workers)
+                timed(gen, requests[:b], 8)  # warm-up (first allocation)
+                answers[compute] = record(f"ctranslate2 {compute}, batch {b}, {gen.workers} worker(s)",
+                                          *timed(gen, requests, args.max_new_tokens))
+    best_local = max(t / s for name, t, s in results if name.startswith("local"))
+    for compute in ("float32", "int8"):
+        best = max(t / s for name, t, s in results if name.startswith(f"ctranslate2 {compute}"))
+        print(f"ctranslate2 {compute} best / local best: {best / best_local:.2f}x")
 
-    t = time.perf_counter()
-    single_tokens = per_request_loop(model, tokenizer, prompts, args.max_new_tokens, seed=0)
-    single_s = time.perf_counter() - t
-
-    print(f"machine: {platform.processor() or platform.machine()}, {torch.get_num_threads()} torch threads, torch {torch.__version__}")
+    # KL on the float32 answers: CTranslate2 int8 against float32, and CTranslate2 float32 against local
+    rows = answers["float32"][:16]
+    f32, i8 = CT2Generator(folder, 16, "float32", "cpu"), CT2Generator(folder, 16, "int8", "cpu")
+    prompts = [f32.prompt_ids(r) for r, _, _ in rows]
+    seqs = [p + tokenizer(text, add_special_tokens=False)["input_ids"] for p, (_, text, _) in zip(prompts, rows)]
+    starts = [len(p) for p in prompts]
+    lp32, lp8 = ct2_logprobs(f32, seqs), ct2_logprobs(i8, seqs)
+    with torch.inference_mode():
+        local = [torch.log_softmax(model(input_ids=torch.tensor([s])).logits[0].float(), -1).numpy() for s in seqs]
+    print(f"KL(ctranslate2 float32 || int8) per answer token: {mean_kl(lp32, lp8, starts):.4f} nats "
+          f"({sum(len(s) - st for s, st in zip(seqs, starts))} tokens, {len(rows)} answers)")
+    print(f"KL(local float32 || ctranslate2 float32) per answer token: {mean_kl(local, lp32, starts):.6f} nats")
+    print(f"machine: {platform.processor() or platform.machine()}, {os.cpu_count()} cores, {torch_threads} "
+          f"torch threads, fp32 matmul peak {peak:.1f} GFLOP/s; torch {torch.__version__}; {params / 1e6:.0f}M matmul params")
     print(f"command: {' '.join([sys.executable.split('/')[-1]] + sys.argv)}")
-    print(f"delia sample backend : {delia_tokens} tokens in {delia_s:.1f} s = {delia_tokens / delia_s:.1f} tok/s")
-    print(f"plain batched loop   : {plain_tokens} tokens in {plain_s:.1f} s = {plain_tokens / plain_s:.1f} tok/s")
-    print(f"per-request loop     : {single_tokens} tokens in {single_s:.1f} s = {single_tokens / single_s:.1f} tok/s")
-    print(f"ratio (delia / plain): {(delia_tokens / delia_s) / (plain_tokens / plain_s):.2f}x")
-    print(f"ratio (delia / per-request): {(delia_tokens / delia_s) / (single_tokens / single_s):.2f}x")
 
 
 if __name__ == "__main__":

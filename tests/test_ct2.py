@@ -9,7 +9,7 @@ import pytest
 
 from delia.config import GenerationConfig, ModelConfig, SampleConfig, load_config
 from delia.data import sample as sample_mod
-from delia.model.generate import LocalGenerator, Request, make_generator
+from delia.model.generate import Request, make_generator
 
 pytest.importorskip("ctranslate2")
 

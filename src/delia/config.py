@@ -74,8 +74,11 @@ class GenerationConfig:
     completions server)."""
     compute_type: Literal["float32", "int8"] = "float32"
     """For `ctranslate2`: the weights' type. int8 is faster and moves the distribution a little (see README)."""
+    workers: Annotated[int, NonNegative] = 0
+    """For `ctranslate2`: parts of a batch decoded at once (0 = 2 on a CPU with 2 or more cores, 1 on CUDA);
+    while sampling, each part holds its own copy of the model."""
     threads: Annotated[int, NonNegative] = 0
-    """For `ctranslate2`: threads per batch (0 = CTranslate2's default, every core)."""
+    """For `ctranslate2`: threads per worker (0 = the cores shared out among the workers)."""
     base_url: str = ""
     """For `openai`: the server's base URL, e.g. http://127.0.0.1:8000/v1."""
     server_model: str = ""

@@ -441,7 +441,8 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int, extra_tokens: tuple
         from .model.generate import ct2_device
 
         return CT2Generator.from_model(model, tokenizer, batch_size=batch_size, compute_type=cfg.generation.compute_type,
-                                       device=ct2_device(cfg.model.device), threads=cfg.generation.threads)
+                                       device=ct2_device(cfg.model.device), threads=cfg.generation.threads,
+                                       workers=cfg.generation.workers)
     if a.decoding == "arithmetic":
         from .model.arithmetic import ArithmeticGenerator
 

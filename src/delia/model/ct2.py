@@ -8,15 +8,16 @@ token added) is saved to a temporary folder first and keyed the same way.
 
 Prompts are made with the Hugging Face chat template and tokenizer, so every backend sees the same
 token ids; requests are batched as the local backend batches them (sorted by prompt length), and each
-batch draws from its own seed (`batch_seed`), so the generation cache resumes as it does locally (a sampling batch reloads the model to
-take its seed: about half a second for a 135M model).
+batch draws from its own seed (`batch_seed`), so the generation cache resumes as it does locally.
 """
 
 from __future__ import annotations
 
 import hashlib
+import os
 import shutil
 import tempfile
+from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
@@ -73,18 +74,27 @@ def converted(folder: str | Path, compute_type: str, trust_remote_code: bool = F
 
 
 class CT2Generator:
-    """Same contract as `LocalGenerator.batches`. `threads` 0 is CTranslate2's default (every core)."""
+    """Same contract as `LocalGenerator.batches`. A batch is split into `workers` parts decoded at once,
+    each on `threads` threads (0: the cores shared out); on a 2-core CPU two one-thread workers give
+    about 1.3x the tokens/s of one two-thread worker (benchmarks/RESULTS.md). Greedy batches go to one
+    generator whose workers share the weights. A sampling part gets a generator of its own, loaded
+    after its seed is set: CTranslate2 seeds a worker thread's random generator once, when that thread
+    first samples (OpenNMT/CTranslate2#1757), so each part's seed (from its requests' keys) takes effect
+    only in a fresh generator (about half a second per part for a 135M model)."""
 
     def __init__(self, folder: str | Path, batch_size: int = 16, compute_type: str = "int8", device: str = "cpu",
-                 threads: int = 0, trust_remote_code: bool = False):
+                 threads: int = 0, trust_remote_code: bool = False, workers: int = 0):
         ct2 = _ctranslate2()
         self.tokenizer = load_tokenizer(str(folder), trust_remote_code)
         self.batch_size = batch_size
         self.compute_type = compute_type
         self.path = converted(folder, compute_type, trust_remote_code)
-        self._load = lambda: ct2.Generator(str(self.path), device=device, compute_type=compute_type,
-                                           intra_threads=threads)
-        self.generator = self._load()
+        cores = os.cpu_count() or 1
+        self.workers = workers or (1 if device == "cuda" else min(2, cores))
+        intra = threads or max(1, cores // self.workers)
+        self._load = lambda inter: ct2.Generator(str(self.path), device=device, compute_type=compute_type,
+                                                 intra_threads=intra, inter_threads=inter)
+        self.generator = self._load(self.workers)
         self._stop = sorted({i for i in (self.tokenizer.eos_token_id, *_generation_eos(Path(folder))) if i is not None})
 
     @classmethod
@@ -105,24 +115,37 @@ class CT2Generator:
         text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
         return self.tokenizer(text, add_special_tokens=False)["input_ids"]
 
+    def _seeded(self, seed: int):
+        """A one-worker generator whose worker thread has drawn its random generator from `seed`."""
+        ct2 = _ctranslate2()
+        ct2.set_random_seed(seed)
+        generator = self._load(1)
+        generator.generate_batch([[self.tokenizer.convert_ids_to_tokens(self._stop[0])]], max_length=1,
+                                 sampling_topk=0, include_prompt_in_result=False)  # the worker's first draw: seeded now
+        return generator
+
     def batches(self, requests: Sequence[Request], max_new_tokens: int, temperature: float = 0.0,
                 top_p: float = 1.0, seed: int = 0) -> Iterator[list[tuple[Request, str, int]]]:
-        ct2 = _ctranslate2()
         sampling = temperature > 0
-        for chunk in length_sorted_chunks([(self.prompt_ids(r), r) for r in requests], self.batch_size):
-            if sampling:
-                # CTranslate2 seeds a worker thread's random generator once, when the thread first
-                # samples (OpenNMT/CTranslate2#1757): the batch's seed takes effect in a fresh generator
-                ct2.set_random_seed(batch_seed(seed, [r.key for _, r in chunk]) % (2**31))
-                del self.generator
-                self.generator = self._load()
-            results = self.generator.generate_batch(
-                [self.tokenizer.convert_ids_to_tokens(ids) for ids, _ in chunk],
-                max_length=max_new_tokens, include_prompt_in_result=False, end_token=self._stop,
-                sampling_topk=0 if sampling else 1, sampling_topp=top_p if sampling else 1.0,
-                sampling_temperature=temperature if sampling else 1.0)
-            yield [(request, self.tokenizer.decode(res.sequences_ids[0], skip_special_tokens=True).strip(),
-                    len(res.sequences_ids[0])) for (_, request), res in zip(chunk, results)]
+        options = dict(max_length=max_new_tokens, include_prompt_in_result=False, end_token=self._stop,
+                       sampling_topk=0 if sampling else 1, sampling_topp=top_p if sampling else 1.0,
+                       sampling_temperature=temperature if sampling else 1.0)
+        with ThreadPoolExecutor(self.workers) as pool:
+            for chunk in length_sorted_chunks([(self.prompt_ids(r), r) for r in requests], self.batch_size):
+                tokens = [self.tokenizer.convert_ids_to_tokens(ids) for ids, _ in chunk]
+                if sampling:
+                    size = -(-len(chunk) // self.workers)
+                    parts = [(start, start + size) for start in range(0, len(chunk), size)]
+                    generators = [self._seeded(batch_seed(seed, [r.key for _, r in chunk[a:b]]) % (2**31))
+                                  for a, b in parts]
+                    results = [res for done in pool.map(lambda g, ab: g.generate_batch(tokens[ab[0]:ab[1]], **options),
+                                                        generators, parts) for res in done]
+                    del generators
+                else:
+                    results = self.generator.generate_batch(tokens, max_batch_size=-(-len(chunk) // self.workers),
+                                                            **options)
+                yield [(request, self.tokenizer.decode(res.sequences_ids[0], skip_special_tokens=True).strip(),
+                        len(res.sequences_ids[0])) for (_, request), res in zip(chunk, results)]
 
 
 def _generation_eos(folder: Path) -> list[int]:

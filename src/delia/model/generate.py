@@ -259,7 +259,7 @@ def make_generator(model_cfg, gen_cfg, batch_size: int, path: str = "", served_n
         from .ct2 import CT2Generator
 
         return CT2Generator(path or resolve_model(model_cfg.name), batch_size, gen_cfg.compute_type,
-                            ct2_device(model_cfg.device), gen_cfg.threads, model_cfg.trust_remote_code)
+                            ct2_device(model_cfg.device), gen_cfg.threads, model_cfg.trust_remote_code, gen_cfg.workers)
     model, tokenizer = load_model(path or model_cfg.name, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.device)
     return LocalGenerator(model, tokenizer, batch_size)
 
