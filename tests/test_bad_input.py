@@ -42,7 +42,7 @@ def _break(row: dict, kind: str, junk) -> tuple[object, str]:
             return {"messages": [{"content": USER}, row["messages"][1]]}, "field 'messages[0].role'"
         if key == "conversations":
             return {"conversations": [{"value": USER}, row[key][1]]}, "field 'conversations[0].from'"
-        return {"output": ANSWER}, "no 'messages', 'conversations' or 'instruction' field"
+        return {"output": ANSWER}, "no 'messages', 'prompt', 'conversations' or 'instruction' field"
     if kind == "assistant first":
         if key == "messages":
             return {"messages": [row[key][1], row[key][0]]}, "the first turn after the system prompt must be the user's"

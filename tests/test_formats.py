@@ -26,7 +26,7 @@ def test_shapes(tmp_path, content, expected):
     ('{"messages": [{"role": "bot", "content": "a"}]}', ":1: field 'messages[0].role'"),
     ('{"messages": [{"role": "user", "content": 3}, {"role": "assistant", "content": "a"}]}', "messages[0].content"),
     ('{"messages": [{"role": "user", "content": "q"}]}', "the last turn must be the assistant's"),
-    ('{"text": "x"}', "no 'messages', 'conversations' or 'instruction' field"),
+    ('{"text": "x"}', "no 'messages', 'prompt', 'conversations' or 'instruction' field"),
 ])
 def test_bad_input_names_file_line_and_field(tmp_path, content, message):
     p = tmp_path / "bad.jsonl"

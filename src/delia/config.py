@@ -108,7 +108,9 @@ class TaskConfig:
     """For the `dipmt` arm: a {source-language word: [translations]} JSON (default: SOURCE/dictionary.json,
     Icelandic -> English, inverted for en-is)."""
     source: str = "demo"
-    """`demo` (the built-in hallucination-check task) or a file: messages JSONL, alpaca or sharegpt JSON/JSONL;
+    """`demo` (the built-in hallucination-check task) or a source of rows: a JSON / JSONL / parquet / CSV
+    file, a `save_to_disk` folder or `hf:NAME[:CONFIG][@SPLIT]`, in messages, TRL prompt / completion,
+    alpaca or sharegpt shape;
     for `translation`, a folder from `delia data en-is`, a JSONL (source, target) / TSV file,
     `hf:NAME[:CONFIG]` (a Hugging Face dataset) or `sacrebleu:TESTSET`."""
     eval_source: str = ""
@@ -137,7 +139,8 @@ class TaskConfig:
 @dataclass
 class SampleConfig:
     queries: str = "alpaca_en_demo"
-    """`alpaca_en_demo` (999 Alpaca queries from the LLaMA-Factory sdist on PyPI) or a file of queries."""
+    """`alpaca_en_demo` (999 Alpaca queries from the LLaMA-Factory sdist on PyPI), `magpie`, or a source of
+    queries: a JSON / JSONL / parquet / CSV file, a `save_to_disk` folder or `hf:NAME[:CONFIG][@SPLIT]`."""
     prompt_style: Literal["plain", "reference"] = "plain"
     """`plain`: the query alone. `reference`: the dataset's answer in an earlier turn, then the query again."""
     max_new_tokens: Annotated[int, AtLeastOne] = 256

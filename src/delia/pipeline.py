@@ -20,6 +20,7 @@ from .config import RunConfig, config_dict
 from .data.mix import diverse_count, mix_files, mix_with_diverse
 from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
+from .data.sources import is_saved_dataset, source_files
 from .data.task import build_task
 from .runfolder import RunFolder, Stage, atomic_path, read_jsonl, read_manifest, world, write_json, write_jsonl
 
@@ -71,12 +72,13 @@ def stage_task(cfg: RunConfig) -> dict:
     inputs = {}
     for key, spec in (("source", cfg.task.source), ("eval_source", cfg.task.eval_source)):
         path = Path(spec)
-        if spec in ("", "demo") or spec.startswith(("hf:", "sacrebleu:")):
+        if spec in ("", "demo") or spec.startswith("sacrebleu:"):
             continue  # generated, or named by the settings
-        if path.is_dir():  # a corpus folder (delia data en-is)
+        if path.is_dir() and not is_saved_dataset(path):  # a corpus folder (delia data en-is)
             inputs.update({f"{key}:{p.stem}": p for p in sorted(path.glob("*.jsonl")) if p.stem in ("train", "test")})
-        else:
-            inputs[key] = path
+        else:  # a file, a saved dataset's files, a local folder behind hf: (a Hub dataset: by its name)
+            files = source_files(spec)
+            inputs.update({key: path} if files == [path] else {f"{key}:{p}": p for p in files})
     stage = Stage(run.stage("task"), "task", {"task": config_dict(cfg)["task"], "seed": cfg.seed}, inputs)
     if done := up_to_date(stage):
         return done
@@ -138,13 +140,21 @@ def diverse_rows_needed(cfg: RunConfig, n_task: int) -> int:
     return diverse_count(cfg.mix.ratio, n_task)
 
 
+def _query_inputs(cfg: RunConfig) -> dict:
+    """The files behind `sample.queries` (none for the built-in sets or a Hub dataset, named by the settings)."""
+    if cfg.sample.queries in (ALPACA_DEMO, MAGPIE):
+        return {}
+    files = source_files(cfg.sample.queries)
+    return {"queries": files[0]} if files == [Path(cfg.sample.queries)] else {f"queries:{p}": p for p in files}
+
+
 def stage_sample(cfg: RunConfig) -> dict:
     n_task = len(read_jsonl(task_rows_path(cfg)))
     want = cfg.sample.max_queries or diverse_rows_needed(cfg, n_task)
     folder = paths(cfg).stage("sample")
     settings = {"sample": config_dict(cfg)["sample"], "model": cfg.model.name, "n": want, "seed": cfg.seed,
                 "backend": cfg.generation.backend}
-    inputs = {} if cfg.sample.queries in (ALPACA_DEMO, MAGPIE) else {"queries": cfg.sample.queries}
+    inputs = _query_inputs(cfg)
     stage = Stage(folder, "sample", settings, inputs)
     if done := up_to_date(stage):
         return done
@@ -173,8 +183,7 @@ def stage_general(cfg: RunConfig) -> dict:
     c = cfg.controls
     sampled = run.diverse if _needs_diverse(cfg) else None
     inputs = {"diverse": sampled} if sampled else {}
-    if cfg.sample.queries not in (ALPACA_DEMO, MAGPIE):
-        inputs["queries"] = cfg.sample.queries
+    inputs.update(_query_inputs(cfg))
     settings = {"queries": cfg.sample.queries, "n": c.general_queries, "max_new_tokens": c.general_max_new_tokens,
                 "model": cfg.model.name, "backend": cfg.generation.backend, "seed": cfg.seed}
     stage = Stage(run.stage("general"), "general", settings, inputs)

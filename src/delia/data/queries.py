@@ -57,9 +57,13 @@ def load_queries(source: str) -> tuple[list[list[dict]], dict]:
     if source == ALPACA_DEMO:
         path, meta = fetch_alpaca_demo()
     else:
-        path, meta = Path(source), {"source": str(source), "sha256": None}
-        if not path.exists():
-            raise DeliaError(f"{path}: query file not found")
-        meta["sha256"] = file_sha256(path)
+        from .sources import source_files
+
+        path, meta = source, {"source": str(source), "sha256": None}
+        files = source_files(source)
+        if files and not all(p.exists() for p in files):
+            raise DeliaError(f"{source}: query file not found")
+        if files:
+            meta["sha256"] = file_sha256(files[0]) if len(files) == 1 else {str(p): file_sha256(p) for p in files}
     conversations = load_conversations(path, need_answer=False)
     return conversations, meta

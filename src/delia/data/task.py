@@ -15,7 +15,7 @@ from pathlib import Path
 from .. import DeliaError
 from ..config import TaskConfig
 from . import demo_task
-from .formats import load_numbered
+from .formats import load_located
 
 
 def wording_of(messages: list[dict]) -> str:
@@ -64,14 +64,14 @@ def _has_token(messages: list[dict], token: str) -> bool:
 
 
 def _split_file(cfg: TaskConfig, seed: int):
-    path = Path(cfg.source)
-    numbered = load_numbered(path)
+    path = cfg.source
+    located = load_located(path)
     for token in cfg.new_tokens:  # every instruction of the task should hold its new tokens
-        for line, messages in numbered:
+        for where, messages in located:
             if not _has_token(messages, token):
-                raise DeliaError(f"{path}:{line}: field 'messages': no user turn holds the new token {token!r} "
+                raise DeliaError(f"{where}: field 'messages': no user turn holds the new token {token!r} "
                                  f"(task.new_tokens); add it to the instruction or change task.new_tokens")
-    rows = [{"messages": m, "wording": wording_of(m)} for _, m in numbered]
+    rows = [{"messages": m, "wording": wording_of(m), "where": where} for where, m in located]
     by_wording: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_wording[row["wording"]].append(row)

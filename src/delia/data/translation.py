@@ -92,22 +92,21 @@ def read_pairs(path: Path, direction: str = "en-is") -> list[dict]:
 
 def hf_pairs(spec: str, part: str, direction: str) -> list[dict]:
     """Pairs from a Hugging Face dataset: `NAME[:CONFIG]`, split `train`, or `test` (else `validation`)."""
-    from datasets import get_dataset_split_names, load_dataset
+    from datasets import get_dataset_split_names
+
+    from .sources import hf_dataset
 
     a, b = languages(direction)
     name, _, config = spec.partition(":")
     where = f"hf:{spec}"
-    def load(fn, *args, **kwargs):
-        try:
-            return fn(name, config or None, *args, **kwargs)
-        except Exception as e:  # noqa: BLE001 - the Hub, the network, a bad name: one line
-            raise DeliaError(f"{where}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
-
-    splits = load(get_dataset_split_names)
+    try:
+        splits = get_dataset_split_names(name, config or None)
+    except Exception as e:  # noqa: BLE001 - the Hub, the network, a bad name: one line
+        raise DeliaError(f"{where}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
     split = "train" if part == "train" else next((s for s in ("test", "validation") if s in splits), None)
     if split not in splits:
         raise DeliaError(f"{where}: no {'train' if part == 'train' else 'test or validation'} split (has {', '.join(splits)})")
-    data = load(load_dataset, split=split)
+    data, _ = hf_dataset(f"{spec}@{split}", where=where)
     columns = data.column_names
     if "translation" in columns:
         rows = (r["translation"] for r in data)

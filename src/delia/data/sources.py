@@ -1,0 +1,97 @@
+"""Where rows come from: one reader for task rows and queries.
+
+A source is
+- a JSON or JSONL file (a JSON array, or one object a line);
+- a `.parquet` or `.csv` file (read with `datasets`);
+- a folder written by `datasets`' `save_to_disk` (a Dataset, or a DatasetDict: its `train` split);
+- `hf:NAME[:CONFIG][@SPLIT]`: a Hugging Face dataset through `datasets.load_dataset` (a Hub name, or a
+  folder `load_dataset` reads); split `train` unless named.
+Each record is yielded with where it came from (`file:line`, `file.csv:line`, `file.parquet row N`,
+`hf:NAME@SPLIT row N`), so a bad row is named in one line.
+"""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Iterator
+
+from .. import DeliaError
+from .formats import read_records, unicode_only
+
+TABLE_SUFFIXES = (".parquet", ".csv")
+
+
+def is_saved_dataset(path: Path) -> bool:
+    """A folder written by `Dataset.save_to_disk` or `DatasetDict.save_to_disk`."""
+    return path.is_dir() and ((path / "state.json").exists() or (path / "dataset_dict.json").exists())
+
+
+def hf_dataset(spec: str, default_split: str = "train", where: str = ""):
+    """`NAME[:CONFIG][@SPLIT]` loaded with `datasets.load_dataset` (any failure: one line). Returns
+    (dataset, split)."""
+    from datasets import load_dataset
+
+    where = where or f"hf:{spec}"
+    name_config, _, split = spec.partition("@")
+    name, _, config = name_config.partition(":")
+    split = split or default_split
+    try:
+        return load_dataset(name, config or None, split=split), split
+    except Exception as e:  # noqa: BLE001 - the Hub, the network, a bad name or split: one line
+        raise DeliaError(f"{where}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _table(path: Path):
+    from datasets import load_dataset
+
+    kind = path.suffix[1:]
+    try:
+        return load_dataset(kind, data_files=str(path), split="train")
+    except Exception as e:  # noqa: BLE001 - a malformed file: one line
+        raise DeliaError(f"{path}: cannot read as {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+
+
+def _saved(path: Path, split: str):
+    from datasets import DatasetDict, load_from_disk
+
+    try:
+        data = load_from_disk(str(path))
+    except Exception as e:  # noqa: BLE001
+        raise DeliaError(f"{path}: cannot load the saved dataset: {str(e).splitlines()[0]}") from None
+    if isinstance(data, DatasetDict):
+        if split not in data:
+            raise DeliaError(f"{path}: no '{split}' split (has {', '.join(data)})")
+        data = data[split]
+    return data
+
+
+def read_source(spec: str) -> Iterator[tuple[str, object]]:
+    """(where, record) for every row of a source (see the module's docstring)."""
+    if spec.startswith("hf:"):
+        data, split = hf_dataset(spec[3:])
+        label = f"hf:{spec[3:].partition('@')[0]}@{split}"
+        for i, row in enumerate(data):
+            yield f"{label} row {i}", unicode_only(row, f"{label} row {i}")
+        return
+    path = Path(spec)
+    if is_saved_dataset(path):
+        for i, row in enumerate(_saved(path, "train")):
+            yield f"{path} row {i}", row
+    elif path.suffix.lower() in TABLE_SUFFIXES and path.is_file():
+        data = _table(path)
+        csv = path.suffix.lower() == ".csv"
+        for i, row in enumerate(data):  # a CSV's header is line 1
+            yield (f"{path}:{i + 2}" if csv else f"{path} row {i}"), row
+    else:
+        for n, obj in read_records(path):
+            yield f"{path}:{n}", obj
+
+
+def source_files(spec: str) -> list[Path]:
+    """The files a local source reads (what a stage's key hashes); none for a Hub dataset."""
+    if spec.startswith("hf:") and not Path(spec[3:].partition("@")[0].partition(":")[0]).exists():
+        return []
+    path = Path(spec[3:].partition("@")[0].partition(":")[0]) if spec.startswith("hf:") else Path(spec)
+    if path.is_dir():
+        return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
+    return [path]
