@@ -89,3 +89,64 @@ def test_missing_token_in_file_is_an_error(tmp_path):
     _write(tmp_path / "t.jsonl", rows)
     with pytest.raises(DeliaError, match=r"t.jsonl:1: field 'messages': no user turn holds the new token"):
         build_task(TaskConfig(source=str(tmp_path / "t.jsonl"), heldout_wording_fraction=0), seed=0)
+
+
+def _own_task(tmp_path, answers, wordings=("Reply in the <sep> format.", "Use <sep> for the reply.")):
+    rows = [{"messages": [{"role": "user", "content": f"Item {i}.\n\n{wordings[i % len(wordings)]}"},
+                          {"role": "assistant", "content": a}]} for i, a in enumerate(answers)]
+    (tmp_path / "own.jsonl").write_text("".join(json.dumps(r) + "\n" for r in rows))
+    return str(tmp_path / "own.jsonl")
+
+
+def _task_stage(tmp_path, source, *sets):
+    from delia.config import load_config
+    from delia.pipeline import stage_task
+
+    cfg = load_config(None, [f"run_dir={tmp_path / 'run'}", f"task.source={source}", "task.eval_rows=2",
+                             "task.heldout_wording_fraction=0", *sets])
+    return stage_task(cfg)
+
+
+def test_a_task_whose_references_fail_its_evaluator_stops_at_the_first_failing_row(tmp_path):
+    source = _own_task(tmp_path, ['{"answer": "%d", "verdict": "ok"}' % i for i in range(12)])
+    with pytest.raises(DeliaError, match=r"own\.jsonl:\d+: the reference answer lacks the key\(s\) 'thought', "
+                                         r"'hallucination' of task.required_keys \(it has 'answer', 'verdict'\)"):
+        _task_stage(tmp_path, source)
+    assert not (tmp_path / "run" / "task" / "train.jsonl").exists()  # nothing written
+    done = _task_stage(tmp_path, source, "task.required_keys=[answer, verdict]", "task.label_key=verdict")
+    assert done["outputs"]["train_rows"] == 10  # train_rows 0: every row not held out
+    prose = _own_task(tmp_path, [f"The answer is {i}." for i in range(12)])
+    with pytest.raises(DeliaError, match="holds no JSON object .*task.metric exact or regex"):
+        _task_stage(tmp_path, prose)
+    assert _task_stage(tmp_path, prose, "task.metric=exact")["outputs"]["train_rows"] == 10
+    with pytest.raises(DeliaError, match="does not match task.answer_pattern"):
+        _task_stage(tmp_path, prose, "task.metric=regex", "task.answer_pattern='The answer is [a-z]+\\.'")
+
+
+def test_exact_and_regex_metrics_score_plain_answers():
+    from delia.evaluate.formatted import score
+
+    exact = TaskConfig(metric="exact")
+    assert score(" Paris ", "Paris", exact) == {"formatted": True, "attempted": True, "label": None}
+    assert score("It is Paris", "Paris", exact)["formatted"] is False
+    regex = TaskConfig(metric="regex", answer_pattern=r"Verdict: (?P<label>yes|no)\.")
+    assert score("Verdict: no.", "Verdict: no.", regex) == {"formatted": True, "attempted": True, "label": True}
+    assert score("Verdict: yes.", "Verdict: no.", regex)["label"] is False
+    assert score("Well. Verdict: no. Bye", "Verdict: no.", regex) == {"formatted": False, "attempted": True, "label": False}
+
+
+def test_a_source_with_a_wording_per_row_is_warned_about(tmp_path, capsys):
+    source = _own_task(tmp_path, ['{"thought": "t", "hallucination": "no"}'] * 12,
+                       wordings=[f"Instruction number {i} with <sep>." for i in range(12)])
+    _task_stage(tmp_path, source, "task.heldout_wording_fraction=0.2")
+    out = capsys.readouterr().out
+    assert "delia: warning: " in out and "12 instruction wordings for 12 rows" in out
+
+
+@pytest.mark.parametrize("bad,message", [("task.metric=regex", "needs a pattern"),
+                                         ("task.answer_pattern='('", "not a regular expression")])
+def test_bad_metric_settings_are_refused_at_load(bad, message):
+    from delia.config import load_config
+
+    with pytest.raises(DeliaError, match=message):
+        load_config(None, ["task.metric=regex", bad] if "pattern" in bad else [bad])

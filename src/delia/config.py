@@ -43,6 +43,8 @@ class NonEmpty:
 
 
 ALPACA_DEMO_QUERIES = 999
+DEMO_TRAIN_ROWS = 48
+"""Rows the built-in demo task generates when `task.train_rows` is 0."""
 """Queries in the default query source (LLaMA-Factory's alpaca_en_demo.json)."""
 NonNegative = Range(0)
 Positive = Range(0, open_low=True)
@@ -116,8 +118,8 @@ class TaskConfig:
     eval_source: str = ""
     """For `translation`: where the evaluation pairs come from, in the same forms (e.g. sacrebleu:wmt21);
     empty = the source's test part (for a single file, 2 x eval_rows of its pairs held out)."""
-    train_rows: Annotated[int, NonNegative] = 48
-    """Training rows: for `demo`, how many to generate; for a file, at most this many (0 = all not held out)."""
+    train_rows: Annotated[int, NonNegative] = 0
+    """Training rows, at most: 0 = all (a source's rows not held out for evaluation; for `demo`, 48 generated)."""
     eval_rows: Annotated[int, AtLeastOne] = 24
     """Evaluation rows per wording group (seen and held-out wordings); for a file, an upper bound."""
     heldout_wording_fraction: Annotated[float, Range(0, 1)] = 0.2
@@ -130,6 +132,12 @@ class TaskConfig:
     """The prior description of what the new token stands for (used for `description` init and analyses)."""
     keywords: list[str] = field(default_factory=lambda: ["json", "thought"])
     """Words of the description whose hidden states the new token is compared with (token analyses)."""
+    metric: Literal["object", "exact", "regex"] = "object"
+    """How a formatted answer is scored: `object` (its earliest {...} parses and holds `required_keys`;
+    `label_key` compared), `exact` (the whole answer equals the reference, stripped) or `regex` (the whole
+    answer matches `answer_pattern`; a named group `label` is compared with the reference's)."""
+    answer_pattern: str = ""
+    """For `metric: regex`: a Python regular expression the whole answer must match."""
     required_keys: list[str] = field(default_factory=lambda: ["thought", "hallucination"])
     """Keys the answer object must hold to count as correctly formatted."""
     label_key: str = "hallucination"
@@ -382,7 +390,14 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
                          "above it; a run folder holds one run's files (e.g. runs/demo)")
     if cfg.task.kind == "translation" and cfg.task.source == "demo":
         raise DeliaError(f"{path}: 'task.source': a translation task reads pairs (e.g. data/en-is from `delia data en-is`)")
-    known_rows = cfg.task.train_rows if cfg.task.source == "demo" or cfg.task.train_rows else 0
+    if cfg.task.metric == "regex":
+        try:
+            re.compile(cfg.task.answer_pattern)
+        except re.error as e:
+            raise DeliaError(f"{path}: 'task.answer_pattern': not a regular expression: {e}") from None
+        if not cfg.task.answer_pattern:
+            raise DeliaError(f"{path}: 'task.answer_pattern': metric regex needs a pattern the whole answer must match")
+    known_rows = cfg.task.train_rows or (DEMO_TRAIN_ROWS if cfg.task.source == "demo" else 0)
     wanted = cfg.sample.max_queries or math.floor(cfg.mix.ratio * known_rows + 0.5)  # as data.mix.diverse_count
     if cfg.sample.queries == "alpaca_en_demo" and any(ARMS[a].needs_diverse for a in cfg.arms) and wanted > ALPACA_DEMO_QUERIES:
         why = (f"'sample.max_queries': asks for {wanted}" if cfg.sample.max_queries else

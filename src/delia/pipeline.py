@@ -83,6 +83,8 @@ def stage_task(cfg: RunConfig) -> dict:
     if done := up_to_date(stage):
         return done
     train, evals = build_task(cfg.task, cfg.seed)
+    if cfg.task.kind == "formatted":
+        _check_references(cfg, train + evals)
     write_jsonl(run.task_train, train)
     write_jsonl(run.task_eval, evals)
     # what the new tokens stand for, kept with the task for the token analyses
@@ -93,6 +95,31 @@ def stage_task(cfg: RunConfig) -> dict:
     return stage.finish(train_rows=len(train), eval_rows=len(evals), train_wordings=len(wordings),
                         eval_seen=sum(r["group"] == "seen" for r in evals),
                         eval_heldout=sum(r["group"] == "heldout" for r in evals))
+
+
+def _check_references(cfg: RunConfig, rows: list[dict]) -> None:
+    """Before an hour of compute: the task's own reference answers must pass its evaluator (else every
+    arm scores 0 without a word)."""
+    from .evaluate.formatted import score
+    from .evaluate.parse import extract_object
+
+    t = cfg.task
+    for row in rows:
+        ref = row["messages"][-1]["content"]
+        s = score(ref, ref, t)
+        if s["formatted"] and s["label"] is not False:
+            continue
+        where = row.get("where", f"{t.source} ({row.get('group', 'train')} row)")
+        if t.metric == "regex":
+            why = f"does not match task.answer_pattern {t.answer_pattern!r}"
+        elif (obj := extract_object(ref)) is None:
+            why = "holds no JSON object (task.metric object; for plain answers use task.metric exact or regex)"
+        elif missing := [k for k in t.required_keys if k not in obj]:
+            why = (f"lacks the key(s) {', '.join(map(repr, missing))} of task.required_keys (it has "
+                   f"{', '.join(map(repr, obj)) or 'none'}); set task.required_keys and task.label_key to your task's")
+        else:
+            why = f"lacks task.label_key {t.label_key!r} (set it to a key your answers hold, or '' for none)"
+        raise DeliaError(f"{where}: the reference answer {why}: {ref[:80]!r}")
 
 
 def task_rows_path(cfg: RunConfig) -> Path:

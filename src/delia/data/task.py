@@ -10,10 +10,9 @@ from __future__ import annotations
 import math
 import random
 from collections import defaultdict
-from pathlib import Path
 
 from .. import DeliaError
-from ..config import TaskConfig
+from ..config import DEMO_TRAIN_ROWS, TaskConfig
 from . import demo_task
 from .formats import load_located
 
@@ -41,7 +40,7 @@ def build_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
         train, seen, heldout = build_translation_task(cfg.source, cfg.direction, cfg.train_rows, cfg.eval_rows, seed,
                                                       cfg.eval_source)
     elif cfg.source == "demo":
-        train = demo_task.make_rows(cfg.train_rows, demo_task.TRAIN_WORDINGS, seed)
+        train = demo_task.make_rows(cfg.train_rows or DEMO_TRAIN_ROWS, demo_task.TRAIN_WORDINGS, seed)
         used = {r["question"] for r in train}
         seen = demo_task.make_rows(cfg.eval_rows, demo_task.TRAIN_WORDINGS, seed + 1, avoid=used)
         used |= {r["question"] for r in seen}
@@ -75,6 +74,10 @@ def _split_file(cfg: TaskConfig, seed: int):
     by_wording: dict[str, list[dict]] = defaultdict(list)
     for row in rows:
         by_wording[row["wording"]].append(row)
+    if len(rows) >= 10 and len(by_wording) >= 0.9 * len(rows):  # the last-paragraph rule probably does not fit
+        print(f"delia: warning: {path}: {len(by_wording)} instruction wordings for {len(rows)} rows; the wording is "
+              "the last paragraph of the first user turn (after the last blank line), so put the instruction "
+              "there, after the row's content, or the seen / held-out split means little", flush=True)
     wordings = sorted(by_wording)
     rng = random.Random(seed)
     rng.shuffle(wordings)

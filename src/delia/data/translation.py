@@ -187,7 +187,7 @@ def build_translation_task(source: str, direction: str, train_rows: int, eval_ro
     if not train_pairs:
         raise DeliaError(f"{source}: no training pairs left after holding out {2 * eval_rows} for evaluation")
     train = [make_row(p, TRAIN_WORDINGS[i % len(TRAIN_WORDINGS)], direction)
-             for i, p in enumerate(train_pairs[:train_rows])]
+             for i, p in enumerate(train_pairs[: train_rows or None])]
     seen = [make_row(p, TRAIN_WORDINGS[i % len(TRAIN_WORDINGS)], direction)
             for i, p in enumerate(test_pairs[:eval_rows])]
     heldout = [make_row(p, HELDOUT_WORDINGS[i % len(HELDOUT_WORDINGS)], direction)

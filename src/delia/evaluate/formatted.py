@@ -1,7 +1,8 @@
 """The `evaluate` stage: formatted-text accuracy and label accuracy, by wording group.
 
 A hit (format accuracy, "strict") is an answer whose earliest `{...}` parses and holds every required
-key; "attempted" counts answers that open an object with a required key, parsed or not. Label accuracy
+key; "attempted" counts answers that open an object with a required key, parsed or not (`task.metric`
+object; `exact` and `regex` score the whole answer, see `score`). Label accuracy
 counts answers whose `label_key` value equals the reference's. All are reported for the training
 wordings (`seen`), for the held-out wordings (`heldout`), their gap, and for every control group
 (`delia.evaluate.controls`), with the share of answers cut at the token limit. Decoding is greedy,
@@ -11,6 +12,7 @@ through any generation backend (local, vLLM or an OpenAI-compatible server).
 from __future__ import annotations
 
 import math
+import re
 
 from tqdm import tqdm
 
@@ -29,6 +31,17 @@ def answer_budget(tokenizer, rows: list[dict], cfg: EvaluateConfig) -> int:
 
 
 def score(answer: str, reference: str, task: TaskConfig) -> dict:
+    """formatted (strict), attempted and label (None when the metric has no label) of one answer."""
+    if task.metric == "exact":
+        same = answer.strip() == reference.strip()
+        return {"formatted": same, "attempted": same, "label": None}
+    if task.metric == "regex":
+        pattern = re.compile(task.answer_pattern, re.DOTALL)
+        match, ref = pattern.fullmatch(answer.strip()), pattern.fullmatch(reference.strip())
+        label = None
+        if "label" in pattern.groupindex:
+            label = bool(match and ref) and match.group("label") == ref.group("label")
+        return {"formatted": match is not None, "attempted": pattern.search(answer) is not None, "label": label}
     obj = extract_object(answer)
     formatted = obj is not None and all(k in obj for k in task.required_keys)
     label = None
