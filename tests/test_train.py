@@ -175,3 +175,24 @@ def test_a_cut_answer_trains_its_text_but_not_the_end_of_turn(tiny):
     assert trained_cut == trained[: len(trained_cut)] and len(trained) - len(trained_cut) <= 2  # end-of-turn, newline
     text = tokenizer.decode([cut["input_ids"][i] for i in trained_cut])
     assert text.strip() == MESSAGES[-1]["content"]
+
+
+def test_tensorboard_gets_the_training_logs_and_tracking_leaves_the_stage_key_alone(tiny_model_dir, tmp_path):
+    pytest.importorskip("tensorboard")
+    from tensorboard.backend.event_processing.event_accumulator import EventAccumulator
+
+    from delia.config import load_config
+    from delia.pipeline import stage_mix, stage_task, stage_train
+
+    sets = [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8", "task.eval_rows=2",
+            "arms=[untouched, common]", "train.batch_size=4"]
+    cfg = load_config(None, sets + ["train.report_to=[tensorboard]", "train.run_name=mine"])
+    stage_task(cfg)
+    stage_mix(cfg)
+    first = stage_train(cfg, "common")
+    events = list((tmp_path / "train" / "common" / "tensorboard").glob("events.out.tfevents.*"))
+    assert len(events) == 1
+    acc = EventAccumulator(str(events[0]))
+    acc.Reload()
+    assert len(acc.Scalars("train/loss")) == first["outputs"]["steps"] == 2
+    assert stage_train(load_config(None, sets), "common")["key"] == first["key"]  # no retraining without trackers

@@ -183,6 +183,10 @@ class MixConfig:
     """Diverse rows per task row (paper: 100 to 520)."""
 
 
+TRACKING = ("report_to", "run_name", "project")
+"""Train settings that only say where logs go: not part of a stage's key."""
+
+
 @dataclass
 class TrainConfig:
     lora_r: Annotated[int, AtLeastOne] = 16
@@ -220,6 +224,13 @@ class TrainConfig:
     new_token_mode: Literal["trainable_tokens", "lora", "full"] = "trainable_tokens"
     """`trainable_tokens` (only the new rows, peft trainable_token_indices), `lora` (a LoRA on the
     embedding, as the paper's reference code) or `full` (the whole embedding, peft modules_to_save)."""
+    report_to: list[Literal["tensorboard", "trackio", "wandb"]] = field(default_factory=list)
+    """Trackers that receive the training logs, as the Trainer's report_to (empty = none, the default: all
+    stays local). tensorboard writes to the arm's train folder (`tensorboard/`)."""
+    run_name: str = ""
+    """The run's name in the trackers (default: the run folder's name and the arm)."""
+    project: str = "delia"
+    """The project the trackers file the runs under (trackio, wandb)."""
     new_token_lr: Annotated[float, NonNegative] = 0.0
     """A separate learning rate for the embedding parameters that train (0 = learning_rate)."""
 
@@ -374,6 +385,11 @@ def _check(value: Any, hint: Any, where: str, path: str) -> Any:
     elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         return value
     raise DeliaError(f"{path}: '{where}': expected {hint.__name__}, got {value!r}")
+
+
+def train_settings(cfg: RunConfig) -> dict:
+    """The train section as a stage's key sees it: without the tracking settings."""
+    return {k: v for k, v in config_dict(cfg)["train"].items() if k not in TRACKING}
 
 
 def _validate(cfg: RunConfig, path: str) -> RunConfig:

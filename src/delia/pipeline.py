@@ -16,7 +16,7 @@ from typing import Callable
 
 from . import DeliaError, baselines
 from .arms import ARMS, REFERENCE, missing_dependency, trained_arms, training_order
-from .config import RunConfig, config_dict
+from .config import RunConfig, config_dict, train_settings
 from .data.mix import diverse_count, mix_files, mix_with_diverse
 from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
@@ -363,7 +363,7 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     if not data.exists():
         raise DeliaError(f"{data}: missing; run the mix stage first")
     max_steps = _max_steps(cfg, arm)
-    settings = {"train": config_dict(cfg)["train"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
+    settings = {"train": train_settings(cfg), "task": config_dict(cfg)["task"], "model": cfg.model.name,
                 "max_steps": max_steps, "seed": cfg.seed}
     if a.neftune:
         settings["neftune_alpha"] = cfg.baselines.neftune_alpha

@@ -208,6 +208,21 @@ def _log_callback(loss_log: Path, collator: _CountingCollator, rank: int):
     return LogLoss()
 
 
+def _trackers(cfg: TrainConfig, out_dir: Path) -> list:
+    """transformers' TensorBoard callback, writing beside the adapter (the Trainer's own default is inside
+    the checkpoints folder, removed when training ends)."""
+    if "tensorboard" not in cfg.report_to:
+        return []
+    from transformers.integrations import TensorBoardCallback
+
+    try:
+        callback = TensorBoardCallback()
+    except RuntimeError:
+        raise DeliaError("train.report_to tensorboard: install it first (pip install tensorboard)") from None
+    callback.logging_dir = str(out_dir / "tensorboard")
+    return [callback]
+
+
 def _training_arguments(cfg: TrainConfig, out_dir: Path, micro: int, accumulation: int, processes: int,
                         seed: int, max_steps: int, neftune_alpha: float, bf16: bool):
     from transformers import TrainingArguments
@@ -225,7 +240,9 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, micro: int, accumulatio
         save_strategy="steps" if cfg.save_steps else "no",
         save_steps=cfg.save_steps or 500,
         save_total_limit=2,  # the previous whole checkpoint survives a kill while the next one is written
-        report_to="none",
+        report_to=[r for r in cfg.report_to if r != "tensorboard"] or "none",  # tensorboard: a callback below
+        run_name=cfg.run_name or out_dir.name,
+        project=cfg.project,
         seed=seed,
         data_seed=seed,
         neftune_noise_alpha=neftune_alpha or None,
@@ -303,7 +320,7 @@ def train_lora(
                                  bf16=model.dtype == torch.bfloat16),
         train_dataset=Dataset.from_list(examples),
         data_collator=collator,
-        callbacks=[_log_callback(loss_log, collator, rank), *(callbacks or [])],
+        callbacks=[_log_callback(loss_log, collator, rank), *_trackers(cfg, out_dir), *(callbacks or [])],
         optimizer_cls_and_kwargs=_separate_token_lr(model, cfg, embed_name),
     )
     started = time.time()
