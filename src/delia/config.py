@@ -444,13 +444,17 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise DeliaError(f"--set {text}: the value is not valid YAML: {getattr(e, 'problem', e)}") from None
 
 
-def load_config(path: str | Path | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or the defaults when path is None) and apply `a.b=value` overrides. An error
-    names the file and line of the bad key (or the --set that gave it)."""
+def load_config(path: str | Path | dict | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or a dict of settings shaped as the YAML, or the defaults when None) and apply
+    `a.b=value` overrides. An error names the file and line of the bad key (or the --set that gave it)."""
     data: dict = {}
-    where = str(path) if path else "<defaults>"
+    where = "<dict>" if isinstance(path, dict) else str(path) if path else "<defaults>"
     lines: dict[str, str] = {}
-    if path:
+    if isinstance(path, dict):
+        import copy
+
+        data = copy.deepcopy(path)
+    elif path:
         data, lines = read_yaml(path, "config")
         data = data or {}
     if not isinstance(data, dict):
