@@ -96,7 +96,7 @@ def _check_address(host: str, port: int) -> None:
 
 
 def _serve(cfg, args) -> None:
-    from .model.loading import load_model
+    from .model.loading import load_model, model_source
     from .serve import serve
 
     _check_address(args.host, args.port)
@@ -105,7 +105,7 @@ def _serve(cfg, args) -> None:
     key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
     if args.api_key_env and not key:
         raise DeliaError(f"--api-key-env {args.api_key_env}: that environment variable is empty")
-    model, tokenizer = load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.device)
+    model, tokenizer = load_model(model_source(cfg.model), cfg.model.dtype, cfg.model.trust_remote_code, cfg.model.device)
     if args.adapter:
         from .model.adapter import load_adapter
 

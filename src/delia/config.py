@@ -60,6 +60,9 @@ class ModelConfig:
     """A short name of an embedded model, a local Hugging Face folder, or a Hub id."""
     trust_remote_code: bool = False
     """Run code shipped with the model. Off unless you turn it on."""
+    chat_template: str = ""
+    """A chat template for a model whose tokenizer has none (or to replace its own): a known name
+    (`chatml`) or a Jinja file. Empty = the tokenizer's own."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype for training and generation: `auto` (bfloat16 on a GPU that supports it, else float32),
     float32, bfloat16 or float16."""

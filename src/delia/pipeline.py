@@ -40,9 +40,9 @@ def up_to_date(stage: Stage) -> dict | None:
 
 def base_model(cfg: RunConfig):
     """The base model on `model.device` in `model.dtype` (training: the Trainer places it under accelerate)."""
-    from .model.loading import load_model
+    from .model.loading import load_model, model_source
 
-    return load_model(cfg.model.name, cfg.model.dtype, cfg.model.trust_remote_code,
+    return load_model(model_source(cfg.model), cfg.model.dtype, cfg.model.trust_remote_code,
                       "cpu" if world()[1] > 1 else cfg.model.device)
 
 
@@ -285,10 +285,10 @@ def _mix_self_distilled(cfg: RunConfig, task_rows: list[dict]) -> dict:
     from .data.generation_cache import generate_cached
     from .evaluate.formatted import answer_budget
     from .model.generate import Request, make_generator
-    from .model.loading import load_tokenizer
+    from .model.loading import load_tokenizer, model_source
     from .runfolder import fingerprint
 
-    budget = answer_budget(load_tokenizer(cfg.model.name, cfg.model.trust_remote_code), task_rows, cfg.evaluate)
+    budget = answer_budget(load_tokenizer(model_source(cfg.model), cfg.model.trust_remote_code), task_rows, cfg.evaluate)
     requests = [Request(key=fingerprint({"model": cfg.model.name, "prompt": baselines.rewrite_request(r),
                                          "max_new_tokens": budget}), messages=baselines.rewrite_request(r))
                 for r in task_rows]
@@ -508,7 +508,7 @@ PROMPTS = {
 
 def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     from .evaluate.formatted import answer_budget
-    from .model.loading import load_tokenizer
+    from .model.loading import load_tokenizer, model_source
 
     check_arm("evaluate", arm, ARMS)
     a = ARMS[arm]
@@ -534,7 +534,7 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     print(f"delia: evaluate {arm} ({gen.backend} backend)", flush=True)
     rows = eval_rows = read_jsonl(run.task_eval)
     train_rows = read_jsonl(run.task_train)
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_source(cfg.model), cfg.model.trust_remote_code)
     budget = answer_budget(tokenizer, rows + train_rows, cfg.evaluate)
     if a.prompt:
         rows = PROMPTS[a.prompt].rewrite(cfg, rows, train_rows)

@@ -67,7 +67,7 @@ def magpie_queries(cfg, n: int, folder) -> tuple[list[list[dict]], dict]:
     beside the Alpaca demo queries'. Returns (conversations, provenance)."""
     from .. import DeliaError
     from ..model.generate import make_generator
-    from ..model.loading import load_tokenizer
+    from ..model.loading import load_tokenizer, model_source
     from ..runfolder import write_jsonl
     from .diversify import SentenceEmbedder
     from .generation_cache import generate_cached
@@ -76,7 +76,7 @@ def magpie_queries(cfg, n: int, folder) -> tuple[list[list[dict]], dict]:
     if cfg.generation.backend == "openai":
         raise DeliaError("sample.queries 'magpie' needs the local or vllm backend (it prompts with the raw template prefix)")
     settings = {"temperature": 1.0, "top_p": 0.99, "max_new_tokens": 64, "seed": cfg.seed}
-    tokenizer = load_tokenizer(cfg.model.name, cfg.model.trust_remote_code)
+    tokenizer = load_tokenizer(model_source(cfg.model), cfg.model.trust_remote_code)
     requests = query_requests(tokenizer, -(-3 * n // 2), cfg.model.name, settings)
     folder.mkdir(parents=True, exist_ok=True)
     answers, _ = generate_cached(requests, folder / "magpie_cache.jsonl",

@@ -248,19 +248,19 @@ def make_generator(model_cfg, gen_cfg, batch_size: int, path: str = "", served_n
         return OpenAIGenerator(gen_cfg.base_url, served_name or gen_cfg.server_model or model_cfg.name, batch_size,
                                gen_cfg.concurrency, gen_cfg.max_retries, gen_cfg.timeout, gen_cfg.api_key_env)
     if gen_cfg.backend == "vllm":
-        from .loading import resolve_model
+        from .loading import model_source, resolve_model
 
-        return VLLMGenerator(path or resolve_model(model_cfg.name), max(batch_size, gen_cfg.vllm_batch_size),
+        return VLLMGenerator(path or resolve_model(model_source(model_cfg)), max(batch_size, gen_cfg.vllm_batch_size),
                              gen_cfg.tensor_parallel_size, gen_cfg.gpu_memory_utilization,
                              "auto" if model_cfg.dtype in ("auto", "float32") else model_cfg.dtype, model_cfg.trust_remote_code)
-    from .loading import load_model, resolve_model
+    from .loading import load_model, model_source, resolve_model
 
     if gen_cfg.backend == "ctranslate2":
         from .ct2 import CT2Generator
 
-        return CT2Generator(path or resolve_model(model_cfg.name), batch_size, gen_cfg.compute_type,
+        return CT2Generator(path or resolve_model(model_source(model_cfg)), batch_size, gen_cfg.compute_type,
                             ct2_device(model_cfg.device), gen_cfg.threads, model_cfg.trust_remote_code, gen_cfg.workers)
-    model, tokenizer = load_model(path or model_cfg.name, model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.device)
+    model, tokenizer = load_model(path or model_source(model_cfg), model_cfg.dtype, model_cfg.trust_remote_code, model_cfg.device)
     return LocalGenerator(model, tokenizer, batch_size)
 
 

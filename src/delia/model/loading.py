@@ -54,6 +54,48 @@ def resolve_model(name: str) -> str:
     return str(target)
 
 
+CHAT_TEMPLATES = {
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+               "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+"""Chat templates known by name (`model.chat_template`); anything else is read as a Jinja file."""
+
+
+def model_source(model_cfg) -> str:
+    """What to load for `model`: its name, or, with `model.chat_template`, a folder in the cache that
+    links the model's files and adds that template (so every backend and export sees one plain folder)."""
+    import hashlib
+
+    if not model_cfg.chat_template:
+        return model_cfg.name
+    spec = model_cfg.chat_template
+    if spec in CHAT_TEMPLATES:
+        template = CHAT_TEMPLATES[spec]
+    else:
+        try:
+            template = Path(spec).read_text(encoding="utf-8")
+        except (OSError, UnicodeDecodeError) as e:
+            raise DeliaError(f"model.chat_template: {spec!r} is neither a known name ({', '.join(CHAT_TEMPLATES)}) "
+                             f"nor a readable Jinja file ({e.strerror if isinstance(e, OSError) else e})") from None
+    source = Path(resolve_model(model_cfg.name))
+    if not source.is_dir():
+        from huggingface_hub import snapshot_download
+
+        try:
+            source = Path(snapshot_download(model_cfg.name))
+        except Exception as e:  # noqa: BLE001 - the Hub, the network: one line
+            raise _refused(model_cfg.name, e) from None
+    key = hashlib.sha256(f"{source.resolve()}\0{template}".encode()).hexdigest()[:16]
+    target = cache_dir() / "templated" / f"{source.name}-{key}"
+    if not (target / "chat_template.jinja").exists():
+        with atomic_dir(target) as tmp:
+            for f in source.iterdir():
+                if f.name != "chat_template.jinja" and f.is_file():
+                    (tmp / f.name).symlink_to(f.resolve())
+            (tmp / "chat_template.jinja").write_text(template, encoding="utf-8")
+    return str(target)
+
+
 def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
@@ -115,7 +157,7 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
         raise _refused(name_or_path, e) from None
     if not tokenizer.chat_template:
         raise DeliaError(f"model '{name_or_path}': its tokenizer has no chat template; delia prompts and trains "
-                         "through one (use the model's instruct/chat variant, or add a chat_template.jinja to its folder)")
+                         "through one (use the model's instruct/chat variant, or give one: model.chat_template: chatml or a .jinja file)")
     if tokenizer.pad_token is None:
         tokenizer.pad_token = tokenizer.eos_token
     return tokenizer
