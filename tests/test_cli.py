@@ -81,3 +81,23 @@ def test_config_prints_the_resolved_config_that_run_accepts_back(tmp_path):
     assert out.returncode == 0 and "lora_r: 8" in out.stdout and "general_queries: 64" in out.stdout
     (tmp_path / "resolved.yaml").write_text(out.stdout)
     assert load_config(tmp_path / "resolved.yaml") == load_config("configs/demo.yaml", ["train.lora_r=8"])
+
+
+def test_quiet_default_and_verbose_say_what_they_promise(tiny_model_dir, tmp_path):
+    (tmp_path / "q.jsonl").write_text("".join(f'{{"instruction": "Name {n} colours."}}\n' for n in range(40)))
+    (tmp_path / "c.yaml").write_text(
+        f"model: {{name: {tiny_model_dir}}}\ntask: {{train_rows: 8, eval_rows: 2}}\narms: [untouched, common, delia]\n"
+        "sample: {queries: q.jsonl, max_new_tokens: 4}\ntrain: {batch_size: 4}\nevaluate: {max_new_tokens: 4}\n"
+        "controls: {rows: 2, general_queries: 4, general_max_new_tokens: 4}\nmix: {ratio: 1}\n")
+    said = {}
+    for flag in ("--quiet", "", "--verbose"):
+        out = _delia("run", "c.yaml", "--set", f"run_dir=run{flag}", *([flag] if flag else []), cwd=tmp_path)
+        assert out.returncode == 0, out.stderr[-2000:]
+        said[flag] = out.stdout + out.stderr
+    quiet, default, verbose = said["--quiet"], said[""], said["--verbose"]
+    assert "delia: train common (1 epoch)" in quiet and "# DELIA report" in quiet
+    for noise in ("it/s]", "{'loss'", "Warning", "Loading weights"):
+        assert noise not in quiet, noise
+    assert "analyze: 100%" in default and "{'loss'" in default  # progress bars, the analysis stage's too
+    assert "is_gradient_checkpointing" not in default and "pin_memory" not in default
+    assert "is_gradient_checkpointing" in verbose  # the libraries' notices, shown on request

@@ -63,7 +63,36 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--faults", type=float, default=0.0, help="share of requests to fail on purpose (testing)")
     v.add_argument("--api-key-env", default="", help="require the key held by this environment variable")
     v.add_argument("--max-tokens", type=int, default=1024, help="the most new tokens a request may ask for (default 1024)")
+    for command in sub.choices.values():
+        loud = command.add_mutually_exclusive_group()
+        loud.add_argument("--quiet", action="store_true",
+                          help="no progress bars, per-step training logs or library messages: delia's own lines only")
+        loud.add_argument("--verbose", action="store_true",
+                          help="also the libraries' warnings and info messages that delia hides by default")
     return p
+
+
+LIBRARY_NOTICES = (r"`is_gradient_checkpointing` is deprecated",  # peft and the Trainer ask under the old name
+                   r"Setting `save_embedding_layers` to `True`",  # peft, on the Trainer's checkpoints (not the adapter)
+                   r"'pin_memory' argument is set as true but no accelerator")
+"""Warnings about the libraries' own calls: nothing a delia user can act on (shown with --verbose)."""
+
+
+def loudness(quiet: bool, verbose: bool) -> None:
+    """How much the libraries say: `--quiet` silences progress bars and their logs, the default hides
+    the notices in LIBRARY_NOTICES, `--verbose` shows everything, info messages included."""
+    import warnings
+
+    if not verbose:
+        for message in LIBRARY_NOTICES:
+            warnings.filterwarnings("ignore", message=message)
+    if quiet:
+        os.environ["TQDM_DISABLE"] = "1"  # tqdm reads it: every bar, delia's and the libraries'
+        os.environ["DELIA_QUIET"] = "1"   # the Trainer's per-step logs (delia.train.sft)
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "error")
+        os.environ.setdefault("DATASETS_VERBOSITY", "error")
+    elif verbose:
+        os.environ.setdefault("TRANSFORMERS_VERBOSITY", "info")
 
 
 def one_line(message: str) -> str:
@@ -173,6 +202,7 @@ VERBS = {
 def main(argv: list[str] | None = None) -> int:
     args = _parser().parse_args(argv)
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
+    loudness(args.quiet, args.verbose)
     try:
         from .config import load_config
         from .runfolder import world

@@ -667,12 +667,16 @@ def stage_analyze(cfg: RunConfig) -> dict:
         distances[name] = token_keyword_distances(model, tokenizer, token, keywords)
         divergent[name] = divergent_stats(model, tokenizer, rows)
 
-    for init in ("random", "mean", "description"):
-        model, tokenizer = base_model(cfg)
-        add_new_tokens(model, tokenizer, cfg.task.new_tokens, init, cfg.task.description, cfg.seed)
-        measure(f"untouched ({init} init)", model, tokenizer)
-    for arm, adapter in adapters.items():
-        measure(arm, *load_adapter(*base_model(cfg), adapter))
+    from tqdm import tqdm
+
+    models = [(f"untouched ({init} init)", init) for init in ("random", "mean", "description")] + list(adapters.items())
+    for name, what in tqdm(models, desc="analyze", unit="model"):
+        if isinstance(what, str):  # the untouched model, the new token initialised so
+            model, tokenizer = base_model(cfg)
+            add_new_tokens(model, tokenizer, cfg.task.new_tokens, what, cfg.task.description, cfg.seed)
+            measure(name, model, tokenizer)
+        else:
+            measure(name, *load_adapter(*base_model(cfg), what))
     write_json(run.analysis("token_distance.json"), distances)
     write_json(run.analysis("divergent.json"), divergent)
     with atomic_path(run.analysis("token_distance.png")) as tmp:

@@ -9,6 +9,7 @@ counts are summed over the processes.
 from __future__ import annotations
 
 import json
+import os
 import shutil
 import time
 from pathlib import Path
@@ -249,8 +250,9 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, micro: int, accumulatio
         remove_unused_columns=False,
         # one micro-batch a step (and one process) leaves nothing to rebalance: the Trainer's own order
         train_sampling_strategy=cfg.sampling if accumulation * processes > 1 else "random",
-        gradient_checkpointing=cfg.gradient_checkpointing,
-        gradient_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        activation_checkpointing=cfg.gradient_checkpointing,
+        activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
+        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
         bf16=bf16,
         disable_tqdm=False,
         # several processes and no GPU (the CPU test of a launch config): gloo, as NCCL needs GPUs
@@ -324,6 +326,11 @@ def train_lora(
         optimizer_cls_and_kwargs=_separate_token_lr(model, cfg, embed_name),
     )
     started = time.time()
+    if os.environ.get("DELIA_QUIET"):  # `--quiet`: no per-step log lines (the loss log is still written)
+        from transformers import PrinterCallback, ProgressCallback
+
+        trainer.remove_callback(PrinterCallback)
+        trainer.remove_callback(ProgressCallback)
     result = trainer.train(resume_from_checkpoint=str(checkpoint) if checkpoint else None)
     seconds = time.time() - started
     counts = collator.counts(trainer.state.global_step)
