@@ -64,6 +64,16 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     first_run = experiment / "exp" / "all" / "seed-0"
     _kill_when(experiment, first_run / "report.md")  # between two runs
     trained = json.loads((first_run / "train" / "delia" / "manifest.json").read_text())["finished"]
+    def files():
+        return {p: p.stat().st_mtime_ns for p in (experiment / "exp").rglob("*") if p.parent != experiment / "exp"}
+
+    before = files()
+    partial = _cli(experiment, "experiment", "exp.yaml", "--report-only")
+    assert partial.wait(timeout=300) == 0
+    so_far = (experiment / "exp" / "report.md").read_text()
+    assert "| all | DELIA (1 epoch) |" in so_far and "seeds 0 (" in so_far
+    assert "Not finished when this report was made (`--report-only`): all seed 1, more-diverse seed 0" in so_far
+    assert files() == before  # nothing ran: no run folder touched
     second = experiment / "exp" / "all" / "seed-1" / "train" / "delia" / "manifest.json"
     _kill_when(experiment, second)  # inside a run: trained, not yet evaluated
     trained_second = json.loads(second.read_text())["finished"]

@@ -55,6 +55,8 @@ def _parser() -> argparse.ArgumentParser:
     d.add_argument("--seed", type=int, default=0)
     e = sub.add_parser("experiment", help="many runs (baselines, ablations, seeds) and one report; resumes")
     e.add_argument("experiment", help="experiment YAML (see experiments/)")
+    e.add_argument("--report-only", action="store_true",
+                   help="run nothing: report the runs that have finished so far (and name the others)")
     v = verb("serve", "an OpenAI-compatible chat server over the model (and an adapter)")
     v.add_argument("--adapter", help="adapter folder, e.g. runs/demo/train/delia/adapter")
     v.add_argument("--host", default="127.0.0.1", help="bind address (default: loopback only)")
@@ -220,7 +222,7 @@ def main(argv: list[str] | None = None) -> int:
         if args.verb == "experiment":
             from .experiment import run_experiment
 
-            path = run_experiment(args.experiment)
+            path = run_experiment(args.experiment, report_only=args.report_only)
             print(f"\n{path.read_text()}\nreport: {path}")
             return 0
         cfg = load_config(args.config, args.set)

@@ -104,7 +104,9 @@ def run_configs(exp: dict):
             yield run["name"], seed, dataclasses.replace(cfg, run_dir=str(folder))
 
 
-def run_experiment(path: str | Path) -> Path:
+def run_experiment(path: str | Path, report_only: bool = False) -> Path:
+    """Every run and seed (each resumes), then the report; `report_only`: nothing runs, the report
+    covers the runs whose run folder has its report, and names the others."""
     from .data.generation_cache import seed_cache
     from .pipeline import run_all
     from .report.experiment import render, tradeoff
@@ -114,10 +116,16 @@ def run_experiment(path: str | Path) -> Path:
     exp_dir = Path(exp["dir"])
     results = []
     configs = list(run_configs(exp))  # every config checked before the first run starts
+    missing = []
     for i, (name, seed, cfg) in enumerate(configs, 1):
-        print(f"delia: experiment run {i}/{len(configs)}: {name}, seed {seed}", flush=True)
-        seed_cache(RunFolder(cfg.run_dir).sample_cache, [RunFolder(d).sample_cache for d in exp_dir.glob(f"*/seed-{seed}")])
-        run_all(cfg)
+        if report_only:
+            if not (Path(cfg.run_dir) / "report.json").exists():
+                missing.append(f"{name} seed {seed}")
+                continue
+        else:
+            print(f"delia: experiment run {i}/{len(configs)}: {name}, seed {seed}", flush=True)
+            seed_cache(RunFolder(cfg.run_dir).sample_cache, [RunFolder(d).sample_cache for d in exp_dir.glob(f"*/seed-{seed}")])
+            run_all(cfg)
         data = collect(cfg)
         results.append({"run": name, "seed": seed, "run_dir": cfg.run_dir, "arms": data["arms"],
                         "by": setting(data["config"], exp["by"]) if exp["by"] else None,
@@ -132,5 +140,8 @@ def run_experiment(path: str | Path) -> Path:
         with atomic_path(exp_dir / "tradeoff.png") as tmp:
             plot_tradeoff(points, tmp, f"{exp['dir']}: mean and sd over seeds {', '.join(map(str, exp['seeds']))}")
     report = exp_dir / "report.md"
-    write_text(report, render(exp, results))
+    text = render({**exp, "seeds": sorted({r["seed"] for r in results})} if missing else exp, results)
+    if missing:
+        text += f"\nNot finished when this report was made (`--report-only`): {', '.join(missing)}.\n"
+    write_text(report, text)
     return report
