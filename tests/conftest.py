@@ -49,3 +49,15 @@ def tiny(tiny_model_dir):
     from delia.model.loading import load_model
 
     return load_model(tiny_model_dir)
+
+
+def dies_after(batches, n: int):
+    """A generator's `batches` method that raises KeyboardInterrupt (a kill) after yielding `n` batches."""
+
+    def cut(self, *a, **kw):
+        for i, batch in enumerate(batches(self, *a, **kw)):
+            if i == n:
+                raise KeyboardInterrupt
+            yield batch
+
+    return cut

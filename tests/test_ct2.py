@@ -6,6 +6,7 @@ happens once per content and type, a killed sample stage resumes to the same row
 import json
 
 import pytest
+from conftest import dies_after
 
 from delia.config import GenerationConfig, ModelConfig, SampleConfig, load_config
 from delia.data import sample as sample_mod
@@ -62,14 +63,7 @@ def test_a_killed_sample_stage_resumes_to_the_same_rows(tiny_model_dir, cache, t
 
     whole, _ = run("whole")
     real = CT2Generator.batches
-
-    def dies_after_two(self, *a, **kw):
-        for i, batch in enumerate(real(self, *a, **kw)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(CT2Generator, "batches", dies_after_two)
+    monkeypatch.setattr(CT2Generator, "batches", dies_after(real, 2))
     with pytest.raises(KeyboardInterrupt):
         run("cut")
     assert len((tmp_path / "cut" / "cache.jsonl").read_text().splitlines()) == 6

@@ -1,6 +1,7 @@
 import json
 
 import pytest
+from conftest import dies_after
 
 from delia.config import ModelConfig, SampleConfig
 from delia.data import sample as sample_mod
@@ -20,14 +21,7 @@ def test_resume_after_interruption_loses_and_duplicates_nothing(tiny_model_dir, 
     assert stats["rows"] + stats["empty_answers"] == 10
 
     real = LocalGenerator.batches
-
-    def dies_after_two(self, *a, **kw):
-        for i, batch in enumerate(real(self, *a, **kw)):
-            if i == 2:
-                raise KeyboardInterrupt
-            yield batch
-
-    monkeypatch.setattr(LocalGenerator, "batches", dies_after_two)
+    monkeypatch.setattr(LocalGenerator, "batches", dies_after(real, 2))
     with pytest.raises(KeyboardInterrupt):
         _run(tmp_path / "cut", tiny_model_dir)
     cache = tmp_path / "cut" / "cache.jsonl"
