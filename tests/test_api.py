@@ -31,6 +31,7 @@ def test_the_readme_notebook_example_runs(tiny_model_dir, tmp_path, monkeypatch)
             for n in range(5)]
     (tmp_path / "my_task.jsonl").write_text("".join(json.dumps(r) + "\n" for r in task))
     monkeypatch.chdir(tmp_path)
+    monkeypatch.setenv("DELIA_CACHE", str(tmp_path / "cache"))  # conversions of the tiny model stay here
     scope: dict = {}
     exec(compile(code, "README.md", "exec"), scope)
     train = scope["train"]
