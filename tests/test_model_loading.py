@@ -33,6 +33,7 @@ def test_a_model_without_a_template_is_refused_or_given_one(no_template, tmp_pat
         run_all(load_config(None, sets))
     report = run_all(load_config(None, sets + ["model.chat_template=chatml"]))
     assert report.exists()
+    trained = json.loads((tmp_path / "run" / "train" / "common" / "manifest.json").read_text())
     exported = (tmp_path / "run" / "train" / "common" / "adapter")
     assert load_tokenizer(str(exported)).chat_template == load_tokenizer(tiny_model_dir).chat_template
     template = tmp_path / "mine.jinja"
@@ -44,6 +45,10 @@ def test_a_model_without_a_template_is_refused_or_given_one(no_template, tmp_pat
     rendered = load_tokenizer(model_source(cfg.model)).apply_chat_template(
         [{"role": "user", "content": "Hi"}], add_generation_prompt=True, tokenize=False)
     assert rendered == "[user] Hi\n[assistant] "
+    from delia.pipeline import stage_train
+
+    other = stage_train(cfg, "common")  # another template: the arm trains again, under another key
+    assert other["key"] != trained["key"] and other["settings"]["model"].endswith("]")
     with pytest.raises(DeliaError, match="model.chat_template: 'nope.jinja' is neither a known name"):
         model_source(load_config(None, sets + ["model.chat_template=nope.jinja"]).model)
 

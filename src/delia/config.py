@@ -390,6 +390,20 @@ def _check(value: Any, hint: Any, where: str, path: str) -> Any:
     raise DeliaError(f"{path}: '{where}': expected {hint.__name__}, got {value!r}")
 
 
+def model_key(model: ModelConfig) -> str:
+    """The model as a stage's key sees it: its name, and the chat template when one is given (a file by
+    its content), so another template re-runs what it changes."""
+    if not model.chat_template:
+        return model.name
+    import hashlib
+
+    try:
+        template = hashlib.sha256(Path(model.chat_template).read_bytes()).hexdigest()[:16]
+    except OSError:
+        template = model.chat_template  # a known name (an unreadable file fails when the model loads)
+    return f"{model.name} [chat_template {template}]"
+
+
 def train_settings(cfg: RunConfig) -> dict:
     """The train section as a stage's key sees it: without the tracking settings."""
     return {k: v for k, v in config_dict(cfg)["train"].items() if k not in TRACKING}

@@ -16,7 +16,7 @@ from typing import Callable
 
 from . import DeliaError, baselines
 from .arms import ARMS, REFERENCE, missing_dependency, trained_arms, training_order
-from .config import RunConfig, config_dict, train_settings
+from .config import RunConfig, config_dict, model_key, train_settings
 from .data.mix import diverse_count, mix_files, mix_with_diverse
 from .data.queries import ALPACA_DEMO, load_queries
 from .data.sample import sample_diverse
@@ -136,7 +136,7 @@ def stage_diversify(cfg: RunConfig) -> dict:
     run = paths(cfg)
     folder = run.stage("diversify")
     d = cfg.diversify
-    settings = {"diversify": config_dict(cfg)["diversify"], "model": cfg.model.name, "backend": cfg.generation.backend,
+    settings = {"diversify": config_dict(cfg)["diversify"], "model": model_key(cfg.model), "backend": cfg.generation.backend,
                 "server_model": cfg.generation.server_model, "seed": cfg.seed}
     stage = Stage(folder, "diversify", settings, {"task": run.task_train})
     if done := up_to_date(stage):
@@ -179,7 +179,7 @@ def stage_sample(cfg: RunConfig) -> dict:
     n_task = len(read_jsonl(task_rows_path(cfg)))
     want = cfg.sample.max_queries or diverse_rows_needed(cfg, n_task)
     folder = paths(cfg).stage("sample")
-    settings = {"sample": config_dict(cfg)["sample"], "model": cfg.model.name, "n": want, "seed": cfg.seed,
+    settings = {"sample": config_dict(cfg)["sample"], "model": model_key(cfg.model), "n": want, "seed": cfg.seed,
                 "backend": cfg.generation.backend}
     inputs = _query_inputs(cfg)
     stage = Stage(folder, "sample", settings, inputs)
@@ -212,7 +212,7 @@ def stage_general(cfg: RunConfig) -> dict:
     inputs = {"diverse": sampled} if sampled else {}
     inputs.update(_query_inputs(cfg))
     settings = {"queries": cfg.sample.queries, "n": c.general_queries, "max_new_tokens": c.general_max_new_tokens,
-                "model": cfg.model.name, "backend": cfg.generation.backend, "seed": cfg.seed}
+                "model": model_key(cfg.model), "backend": cfg.generation.backend, "seed": cfg.seed}
     stage = Stage(run.stage("general"), "general", settings, inputs)
     if done := up_to_date(stage):
         return done
@@ -232,7 +232,7 @@ def stage_general(cfg: RunConfig) -> dict:
         if len(picked) == c.general_queries:
             break
     picked.reverse()
-    requests = [Request(key=fingerprint({"model": cfg.model.name, "query": q, "max_new_tokens": c.general_max_new_tokens}),
+    requests = [Request(key=fingerprint({"model": model_key(cfg.model), "query": q, "max_new_tokens": c.general_max_new_tokens}),
                         messages=[{"role": "user", "content": q}]) for q, _ in picked]
     run.stage("general").mkdir(parents=True, exist_ok=True)
     answers, _ = generate_cached(requests, run.stage("general") / "cache.jsonl",
@@ -289,7 +289,7 @@ def _mix_self_distilled(cfg: RunConfig, task_rows: list[dict]) -> dict:
     from .runfolder import fingerprint
 
     budget = answer_budget(load_tokenizer(model_source(cfg.model), cfg.model.trust_remote_code), task_rows, cfg.evaluate)
-    requests = [Request(key=fingerprint({"model": cfg.model.name, "prompt": baselines.rewrite_request(r),
+    requests = [Request(key=fingerprint({"model": model_key(cfg.model), "prompt": baselines.rewrite_request(r),
                                          "max_new_tokens": budget}), messages=baselines.rewrite_request(r))
                 for r in task_rows]
     paths(cfg).stage("mix").mkdir(parents=True, exist_ok=True)
@@ -316,7 +316,7 @@ MIX_DATA = {
     "dmt": MixData(_mix_dmt, lambda cfg: {"dmt_task_fraction": cfg.baselines.dmt_task_fraction}),
     "delia": MixData(_mix_delia),
     "self_distilled": MixData(_mix_self_distilled, lambda cfg: {"self_distilled": {
-        "model": cfg.model.name, "backend": cfg.generation.backend, "evaluate": config_dict(cfg)["evaluate"],
+        "model": model_key(cfg.model), "backend": cfg.generation.backend, "evaluate": config_dict(cfg)["evaluate"],
         "task": config_dict(cfg)["task"]}}),
 }
 """What each kind of trained arm trains on (`Arm.data`), built by the mix stage."""
@@ -363,7 +363,7 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     if not data.exists():
         raise DeliaError(f"{data}: missing; run the mix stage first")
     max_steps = _max_steps(cfg, arm)
-    settings = {"train": train_settings(cfg), "task": config_dict(cfg)["task"], "model": cfg.model.name,
+    settings = {"train": train_settings(cfg), "task": config_dict(cfg)["task"], "model": model_key(cfg.model),
                 "max_steps": max_steps, "seed": cfg.seed}
     if a.neftune:
         settings["neftune_alpha"] = cfg.baselines.neftune_alpha
@@ -420,7 +420,7 @@ def stage_export(cfg: RunConfig, arm: str) -> Path:
     check_arm("export", arm, trained_arms())
     adapter = adapter_of(cfg, arm)
     folder = paths(cfg).export(arm)
-    stage = Stage(folder, f"export:{arm}", {"model": cfg.model.name, "dtype": cfg.model.dtype},
+    stage = Stage(folder, f"export:{arm}", {"model": model_key(cfg.model), "dtype": cfg.model.dtype},
                   {"adapter": adapter / "adapter_model.safetensors"})
     if not up_to_date(stage):
         model, tokenizer = load_adapter(*base_model(cfg), adapter)
@@ -522,7 +522,7 @@ def stage_evaluate(cfg: RunConfig, arm: str) -> dict:
     if costs and run.general.exists():
         inputs["general"] = run.general
     gen = cfg.generation
-    settings = {"evaluate": config_dict(cfg)["evaluate"], "task": config_dict(cfg)["task"], "model": cfg.model.name,
+    settings = {"evaluate": config_dict(cfg)["evaluate"], "task": config_dict(cfg)["task"], "model": model_key(cfg.model),
                 "backend": gen.backend, "server_model": gen.server_model if gen.backend == "openai" else ""}
     if costs:
         settings["controls"] = config_dict(cfg)["controls"]
@@ -655,7 +655,7 @@ def stage_analyze(cfg: RunConfig) -> dict:
     folder = run.analysis()
     adapters = {a: adapter_of(cfg, a) for a in trained_arms() if a in cfg.arms}
     inputs = {a: p / "adapter_model.safetensors" for a, p in adapters.items()} | {"eval": run.task_eval}
-    settings = {"task": config_dict(cfg)["task"], "model": cfg.model.name, "seed": cfg.seed}
+    settings = {"task": config_dict(cfg)["task"], "model": model_key(cfg.model), "seed": cfg.seed}
     stage = Stage(folder, "analyze", settings, inputs)
     if done := up_to_date(stage):
         return done

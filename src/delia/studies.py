@@ -12,7 +12,7 @@ from pathlib import Path
 
 from . import DeliaError
 from .arms import trained_arms
-from .config import RunConfig, config_dict, train_settings
+from .config import RunConfig, config_dict, model_key, train_settings
 from .data.mix import diverse_count, mix_with_diverse
 from .pipeline import (adapter_of, base_model, check_arm, diverse_rows_needed, paths, stage_sample, stage_task,
                        task_rows_path, up_to_date)
@@ -45,7 +45,7 @@ def ratio_trial(cfg: RunConfig, ratio: float, fraction: float, diverse: Path) ->
     eval_path = paths(cfg).task_eval
     equal = cfg.sweep.budget == "steps"
     folder = paths(cfg).stage("trials") / f"ratio-{ratio:g}-fraction-{fraction:g}{'-equal-steps' if equal else ''}"
-    settings = {"train": train_settings(cfg), "task": config_dict(cfg)["task"], "model": cfg.model.name,
+    settings = {"train": train_settings(cfg), "task": config_dict(cfg)["task"], "model": model_key(cfg.model),
                 "ratio": ratio, "fraction": fraction, "seed": cfg.seed}
     if equal:
         settings["budget"] = {"steps_of_ratio": max(cfg.sweep.ratios)}
@@ -135,7 +135,7 @@ def stage_diagnose(cfg: RunConfig, arm: str = "untouched", max_task_rows: int = 
     if arm != "untouched":
         inputs["adapter"] = adapter_of(cfg, arm) / "adapter_model.safetensors"
     folder = run.diagnose(arm)
-    stage = Stage(folder, f"diagnose:{arm}", {"model": cfg.model.name, "ratio": cfg.mix.ratio, "seed": cfg.seed,
+    stage = Stage(folder, f"diagnose:{arm}", {"model": model_key(cfg.model), "ratio": cfg.mix.ratio, "seed": cfg.seed,
                                               "rows": max_task_rows, "train": train_settings(cfg)}, inputs)
     if done := up_to_date(stage):
         print(buffering.render(done["outputs"]["table"]))

@@ -9,7 +9,7 @@ from __future__ import annotations
 from pathlib import Path
 
 from .. import DeliaError
-from ..config import GenerationConfig, ModelConfig, SampleConfig
+from ..config import GenerationConfig, ModelConfig, SampleConfig, model_key
 from ..model.generate import Request, make_generator
 from ..runfolder import fingerprint, write_jsonl
 from .generation_cache import generate_cached
@@ -49,7 +49,7 @@ def sample_diverse(
     ended by itself (`ended`) and, when `cut_answers` is `mask` and it did not, that its end-of-turn
     carries no loss (`open_end`). Returns (path, stats)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"model": model_cfg.name, "style": cfg.prompt_style, "max_new_tokens": cfg.max_new_tokens,
+    settings = {"model": model_key(model_cfg), "style": cfg.prompt_style, "max_new_tokens": cfg.max_new_tokens,
                 "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed}
     requests, queries = [], []
     done: dict = {}
