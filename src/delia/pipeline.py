@@ -77,8 +77,7 @@ def stage_task(cfg: RunConfig) -> dict:
         if path.is_dir() and not is_saved_dataset(path):  # a corpus folder (delia data en-is)
             inputs.update({f"{key}:{p.stem}": p for p in sorted(path.glob("*.jsonl")) if p.stem in ("train", "test")})
         else:  # a file, a saved dataset's files, a local folder behind hf: (a Hub dataset: by its name)
-            files = source_files(spec)
-            inputs.update({key: path} if files == [path] else {f"{key}:{p}": p for p in files})
+            inputs.update(_source_inputs(key, spec))
     stage = Stage(run.stage("task"), "task", {"task": config_dict(cfg)["task"], "seed": cfg.seed}, inputs)
     if done := up_to_date(stage):
         return done
@@ -167,12 +166,16 @@ def diverse_rows_needed(cfg: RunConfig, n_task: int) -> int:
     return diverse_count(cfg.mix.ratio, n_task)
 
 
+def _source_inputs(key: str, spec: str) -> dict:
+    """A stage's inputs for a row source: the file as `key`, or each file of a folder as `key:PATH`
+    (none for a Hub dataset, named by the settings)."""
+    files = source_files(spec)
+    return {key: files[0]} if files == [Path(spec)] else {f"{key}:{p}": p for p in files}
+
+
 def _query_inputs(cfg: RunConfig) -> dict:
-    """The files behind `sample.queries` (none for the built-in sets or a Hub dataset, named by the settings)."""
-    if cfg.sample.queries in (ALPACA_DEMO, MAGPIE):
-        return {}
-    files = source_files(cfg.sample.queries)
-    return {"queries": files[0]} if files == [Path(cfg.sample.queries)] else {f"queries:{p}": p for p in files}
+    """The files behind `sample.queries` (none for the built-in sets)."""
+    return {} if cfg.sample.queries in (ALPACA_DEMO, MAGPIE) else _source_inputs("queries", cfg.sample.queries)
 
 
 def stage_sample(cfg: RunConfig) -> dict:
@@ -669,14 +672,15 @@ def stage_analyze(cfg: RunConfig) -> dict:
 
     from tqdm import tqdm
 
-    models = [(f"untouched ({init} init)", init) for init in ("random", "mean", "description")] + list(adapters.items())
-    for name, what in tqdm(models, desc="analyze", unit="model"):
-        if isinstance(what, str):  # the untouched model, the new token initialised so
-            model, tokenizer = base_model(cfg)
-            add_new_tokens(model, tokenizer, cfg.task.new_tokens, what, cfg.task.description, cfg.seed)
-            measure(name, model, tokenizer)
-        else:
-            measure(name, *load_adapter(*base_model(cfg), what))
+    def untouched(init: str):  # the untouched model, the new token initialised so
+        model, tokenizer = base_model(cfg)
+        add_new_tokens(model, tokenizer, cfg.task.new_tokens, init, cfg.task.description, cfg.seed)
+        return model, tokenizer
+
+    models = [(f"untouched ({init} init)", lambda init=init: untouched(init)) for init in ("random", "mean", "description")]
+    models += [(arm, lambda adapter=adapter: load_adapter(*base_model(cfg), adapter)) for arm, adapter in adapters.items()]
+    for name, load in tqdm(models, desc="analyze", unit="model"):
+        measure(name, *load())
     write_json(run.analysis("token_distance.json"), distances)
     write_json(run.analysis("divergent.json"), divergent)
     with atomic_path(run.analysis("token_distance.png")) as tmp:

@@ -89,9 +89,10 @@ def read_source(spec: str) -> Iterator[tuple[str, object]]:
 
 def source_files(spec: str) -> list[Path]:
     """The files a local source reads (what a stage's key hashes); none for a Hub dataset."""
-    if spec.startswith("hf:") and not Path(spec[3:].partition("@")[0].partition(":")[0]).exists():
+    hub = spec.startswith("hf:")
+    path = Path(spec[3:].partition("@")[0].partition(":")[0] if hub else spec)
+    if hub and not path.exists():
         return []
-    path = Path(spec[3:].partition("@")[0].partition(":")[0]) if spec.startswith("hf:") else Path(spec)
     if path.is_dir():
         return sorted(p for p in path.rglob("*") if p.is_file() and not p.name.startswith("."))
     return [path]

@@ -23,7 +23,7 @@ from typing import Iterator, Sequence
 
 from .. import DeliaError
 from ..runfolder import atomic_dir
-from .generate import Request, batch_seed, length_sorted_chunks
+from .generate import Request, batch_seed, length_sorted_chunks, request_ids
 from .loading import cache_dir, load_tokenizer
 
 KEYED_FILES = ("config.json", "generation_config.json", "tokenizer.json", "tokenizer_config.json",
@@ -109,12 +109,6 @@ class CT2Generator:
         finally:
             shutil.rmtree(tmp, ignore_errors=True)
 
-    def prompt_ids(self, request: Request) -> list[int]:
-        if request.text:
-            return self.tokenizer(request.text, add_special_tokens=False)["input_ids"]
-        text = self.tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
-
     def _seeded(self, seed: int):
         """A one-worker generator whose worker thread has drawn its random generator from `seed`."""
         ct2 = _ctranslate2()
@@ -131,7 +125,7 @@ class CT2Generator:
                        sampling_topk=0 if sampling else 1, sampling_topp=top_p if sampling else 1.0,
                        sampling_temperature=temperature if sampling else 1.0)
         with ThreadPoolExecutor(self.workers) as pool:
-            for chunk in length_sorted_chunks([(self.prompt_ids(r), r) for r in requests], self.batch_size):
+            for chunk in length_sorted_chunks([(request_ids(self.tokenizer, r), r) for r in requests], self.batch_size):
                 tokens = [self.tokenizer.convert_ids_to_tokens(ids) for ids, _ in chunk]
                 if sampling:
                     size = -(-len(chunk) // self.workers)
@@ -149,11 +143,11 @@ class CT2Generator:
 
 
 def _generation_eos(folder: Path) -> list[int]:
-    """The end-of-turn ids in the folder's generation config (the local backend stops on them too)."""
-    import json
+    """The end-of-turn ids of the folder's generation config (the local backend stops on them too)."""
+    from transformers import GenerationConfig
 
-    path = folder / "generation_config.json"
-    if not path.exists():
+    try:
+        eos = GenerationConfig.from_pretrained(folder).eos_token_id
+    except OSError:  # no generation_config.json
         return []
-    eos = json.loads(path.read_text()).get("eos_token_id")
     return eos if isinstance(eos, list) else [eos]

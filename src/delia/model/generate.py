@@ -58,6 +58,14 @@ def length_sorted_chunks(encoded: list[tuple[list[int], Request]], batch_size: i
         yield [encoded[i] for i in order[start : start + batch_size]]
 
 
+def request_ids(tokenizer, request: Request) -> list[int]:
+    """A request's prompt as token ids: its raw text as it is, else its messages through the chat template."""
+    if request.text:
+        return tokenizer(request.text, add_special_tokens=False)["input_ids"]
+    text = tokenizer.apply_chat_template(request.messages, add_generation_prompt=True, tokenize=False)
+    return tokenizer(text, add_special_tokens=False)["input_ids"]
+
+
 class LocalGenerator:
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model = model
@@ -65,8 +73,7 @@ class LocalGenerator:
         self.batch_size = batch_size
 
     def prompt_ids(self, messages: list[dict]) -> list[int]:
-        text = self.tokenizer.apply_chat_template(messages, add_generation_prompt=True, tokenize=False)
-        return self.tokenizer(text, add_special_tokens=False)["input_ids"]
+        return request_ids(self.tokenizer, Request(key="", messages=messages))
 
     def batches(
         self,
@@ -79,8 +86,7 @@ class LocalGenerator:
     ) -> Iterator[list[tuple[Request, str, int]]]:
         """Yield, batch by batch, (request, generated text, generated token count); `should_stop()` true
         (checked every step) ends a batch early with what it has (a server whose client went away)."""
-        encoded = [(self.tokenizer(r.text, add_special_tokens=False)["input_ids"] if r.text else self.prompt_ids(r.messages), r)
-                   for r in requests]
+        encoded = [(request_ids(self.tokenizer, r), r) for r in requests]
         pad = self.tokenizer.pad_token_id
         eos = self._stop_ids()
         self.model.eval()

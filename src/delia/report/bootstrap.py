@@ -81,16 +81,16 @@ def paired(run_dirs: list[str], arms: list[str], reference: str = "delia") -> di
     paired over the seeds' run folders (each seed's figures from its own folder). An arm missing from
     a seed, or rows that do not match, leave that comparison out."""
     out = {}
+    ref_rows = {d: (heldout_formatted(d, reference), general_kl(d, reference)) for d in run_dirs}
     for arm in arms:
         if arm == reference:
             continue
         acc_a, acc_r, kl_a, kl_r = [], [], [], []
         for d in run_dirs:
-            a, r = heldout_formatted(d, arm), heldout_formatted(d, reference)
+            (r, kr), a, ka = ref_rows[d], heldout_formatted(d, arm), general_kl(d, arm)
             if a and r and [x[:2] for x in a] == [x[:2] for x in r]:
                 acc_a.append([x[2] for x in a])
                 acc_r.append([x[2] for x in r])
-            ka, kr = general_kl(d, arm), general_kl(d, reference)
             if ka and kr and len(ka) == len(kr):
                 kl_a.append(ka)
                 kl_r.append(kr)
