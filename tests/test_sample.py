@@ -70,5 +70,5 @@ def test_answers_cut_at_the_token_limit_are_recorded_and_handled(tiny_model_dir,
     if mode == "drop":  # cut answers give no row: further queries were asked
         assert all(r["ended"] for r in rows) and stats["requested"] > 8 and stats["cut_asked"] > 0
     else:
-        assert 0 < stats["cut_rows"] < 8 and stats["requested"] == 8
+        assert 0 < stats["cut_rows"] < 8 and stats["requested"] == 8 + stats["empty_answers"]  # the tiny model may say nothing
     assert [r.get("open_end", False) for r in rows] == [mode == "mask" and not r["ended"] for r in rows]
