@@ -103,12 +103,17 @@ def test_self_distilled_keeps_the_reference_unless_the_rewrite_passes_the_evalua
         assert row["messages"][-1]["content"] == (rewrite if kept else TASK_ROW["messages"][-1]["content"])
 
 
-def test_self_distilled_arm_trains_on_its_rewrites(tiny_model_dir, tmp_path):
+def test_self_distilled_arm_trains_on_its_rewrites(tiny_model_dir, tmp_path, capsys):
     from delia.pipeline import run_all
 
     cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
                              "task.eval_rows=2", "arms=[untouched, self_distilled]", "train.batch_size=4",
                              "evaluate.max_new_tokens=4", "controls.general_queries=0"])
-    assert "Self-distilled targets (SDFT, 1 epoch)" in run_all(cfg).read_text()
+    report = run_all(cfg).read_text()
+    assert "Self-distilled targets (SDFT, 1 epoch)" in report
     mix = json.loads((tmp_path / "mix" / "manifest.json").read_text())["outputs"]
-    assert mix["self_distilled_rows"] == 8 and 0 <= mix["self_distilled_kept"] <= 8  # a random model keeps none
+    kept = mix["self_distilled_kept"]
+    assert mix["self_distilled_rows"] == 8 and 0 <= kept <= 8  # a random model keeps none
+    # the user is told how many rewrites the arm really trains on, in the log and in the report
+    assert f"rewrites that passed the task's evaluator: {kept} of 8" in report
+    assert (f"self_distilled: {kept} of 8 rewrites passed" in capsys.readouterr().out) is (kept < 8)

@@ -301,7 +301,11 @@ def _mix_self_distilled(cfg: RunConfig, task_rows: list[dict]) -> dict:
                                  budget, 0.0, 1.0, cfg.seed, desc="self-distilled rewrites")
     rows = [baselines.self_distilled_row(r, answers[q.key]["answer"], cfg.task) for r, q in zip(task_rows, requests)]
     write_jsonl(paths(cfg).mix("self_distilled"), rows)
-    return {"self_distilled_rows": len(rows), "self_distilled_kept": sum(r["rewritten"] for r in rows)}
+    kept = sum(r["rewritten"] for r in rows)
+    if kept < len(rows):
+        print(f"delia: self_distilled: {kept} of {len(rows)} rewrites passed the task's evaluator; the others train on "
+              "their reference answers" + (" (with none kept the arm is common tuning)" if not kept else ""), flush=True)
+    return {"self_distilled_rows": len(rows), "self_distilled_kept": kept}
 
 
 @dataclass(frozen=True)

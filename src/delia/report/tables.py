@@ -118,6 +118,11 @@ def render(data: dict) -> str:
                   f"({100 * sampled['cut_share']:.1f} %); handled by `{sampled['cut_answers']}` "
                   + {"mask": "(their end-of-turn carries no loss).", "drop": f"({sampled['cut_asked']} dropped, "
                      "further queries asked).", "keep": "(trained as if whole)."}[sampled["cut_answers"]], ""]
+    if (mixed := data["stages"].get("mix", {})).get("self_distilled_rows"):
+        lines += [f"Self-distilled rewrites that passed the task's evaluator: {mixed['self_distilled_kept']} of "
+                  f"{mixed['self_distilled_rows']} (the others train on their reference answers"
+                  + (", so this arm is common tuning in another order)." if not mixed["self_distilled_kept"] else ").")
+                  , ""]
     tr = cfg["train"]
     lines += ["## Settings", "",
               f"LoRA r {tr['lora_r']}, alpha {tr['lora_alpha']}, dropout {tr['lora_dropout']} on "
