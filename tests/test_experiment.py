@@ -102,6 +102,12 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     untouched = paired.splitlines()[2]
     assert untouched.startswith("| Untouched model | +0.0 [") and untouched.count("[") == 2
     assert untouched.endswith("| **yes** |")  # DELIA moved the tiny model on every general query: the untouched one is 0
+    # each trained arm of a later run against itself in the first run, paired over both seeds
+    across = report.split("## Each arm against itself in run all")[1].split("\n\n")[2].splitlines()
+    more = next(line for line in across if line.startswith("| more-diverse | DELIA (1 epoch) | 2 | "))
+    # the same evaluation rows are paired; the general queries are not the same (the ratio-3 run sampled more
+    # of the 40 queries, so fewer were left over): no drift comparison rather than an unpaired one
+    assert more.count("[") == 1 and more.endswith("| - | - |") and not any("Untouched" in line for line in across)
     assert report.count("Seconds per seed") == 1 and "exp/all/seed-0/analysis/divergent.png" in report
     # the ratio-3 run of seed 0 answered only the queries the ratio-2 run had not
     sample = json.loads((experiment / "exp" / "more-diverse" / "seed-0" / "sample" / "manifest.json").read_text())

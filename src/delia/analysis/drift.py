@@ -106,6 +106,8 @@ def plot_tradeoff(points: list[dict], path, title: str) -> None:
     import matplotlib.pyplot as plt
 
     fig, ax = plt.subplots(figsize=(7, 4.5))
+    if len(points) > 10:  # the default cycle has 10 colours: more arms would share them
+        ax.set_prop_cycle(color=plt.cm.tab20.colors)
     for p in points:
         ax.errorbar(p["kl"], 100 * p["accuracy"], xerr=p["kl_sd"] or None, yerr=100 * p["accuracy_sd"] or None,
                     fmt=MARKERS[p["budget"]], markersize=8, capsize=3, label=f"{p['label']} [{p['budget']}]")
@@ -113,7 +115,6 @@ def plot_tradeoff(points: list[dict], path, title: str) -> None:
     ax.set_ylabel("format accuracy, held-out wordings (%)")
     ax.set_title(title)
     ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="best")
-    fig.tight_layout()
-    fig.savefig(path, format="png", dpi=110)
+    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.14))  # below the axes: never over a point
+    fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

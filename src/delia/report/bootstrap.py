@@ -28,13 +28,13 @@ def heldout_formatted(run_dir: str, arm: str) -> list[tuple[str, str, bool]] | N
     return [(r["wording"], r["reference"], bool(r["formatted"])) for r in read_jsonl(path) if r["group"] == "heldout"]
 
 
-def general_kl(run_dir: str, arm: str) -> list[tuple[float, int]] | None:
-    """(summed KL, tokens) of each general query for an arm, in order; None when not measured per query."""
+def general_kl(run_dir: str, arm: str) -> list[tuple[str, float, int]] | None:
+    """(query, summed KL, tokens) of each general query for an arm, in order; None when not measured per query."""
     path = RunFolder(run_dir).eval(arm) / "general.jsonl"
     rows = read_jsonl(path) if path.exists() else []
     if not rows or "kl_sum" not in rows[0]:
         return None
-    return [(r["kl_sum"], r["kl_tokens"]) for r in rows]
+    return [(r["query"], r["kl_sum"], r["kl_tokens"]) for r in rows]
 
 
 def _draws(sizes: list[int], rng: np.random.Generator, resamples: int):
@@ -76,29 +76,34 @@ def kl_difference(arm: list[list[tuple[float, int]]], reference: list[list[tuple
     return _interval(values, point)
 
 
+def arm_rows(run_dir: str, arm: str) -> tuple:
+    """An arm's held-out-wording rows and general queries in one run folder (`heldout_formatted`, `general_kl`)."""
+    return heldout_formatted(run_dir, arm), general_kl(run_dir, arm)
+
+
+def compare(arm: list[tuple], reference: list[tuple]) -> dict:
+    """Arm minus reference, each a list over seeds of `arm_rows`; a figure is compared only where every
+    seed scored the same rows (same wordings and references, same general queries) for both."""
+    acc_a, acc_r, kl_a, kl_r = [], [], [], []
+    for (a, ka), (r, kr) in zip(arm, reference):
+        if a and r and [x[:2] for x in a] == [x[:2] for x in r]:
+            acc_a.append([x[2] for x in a])
+            acc_r.append([x[2] for x in r])
+        if ka and kr and [x[0] for x in ka] == [x[0] for x in kr]:
+            kl_a.append([x[1:] for x in ka])
+            kl_r.append([x[1:] for x in kr])
+    result = {"seeds": len(arm)}
+    if arm and len(acc_a) == len(arm):
+        result["heldout"] = accuracy_difference(acc_a, acc_r)
+    if arm and len(kl_a) == len(arm):
+        result["kl"] = kl_difference(kl_a, kl_r)
+    return result
+
+
 def paired(run_dirs: list[str], arms: list[str], reference: str = "delia") -> dict[str, dict]:
     """For each arm but the reference: its held-out format accuracy and drift against the reference's,
     paired over the seeds' run folders (each seed's figures from its own folder). An arm missing from
     a seed, or rows that do not match, leave that comparison out."""
-    out = {}
-    ref_rows = {d: (heldout_formatted(d, reference), general_kl(d, reference)) for d in run_dirs}
-    for arm in arms:
-        if arm == reference:
-            continue
-        acc_a, acc_r, kl_a, kl_r = [], [], [], []
-        for d in run_dirs:
-            (r, kr), a, ka = ref_rows[d], heldout_formatted(d, arm), general_kl(d, arm)
-            if a and r and [x[:2] for x in a] == [x[:2] for x in r]:
-                acc_a.append([x[2] for x in a])
-                acc_r.append([x[2] for x in r])
-            if ka and kr and len(ka) == len(kr):
-                kl_a.append(ka)
-                kl_r.append(kr)
-        result = {"seeds": len(run_dirs)}
-        if len(acc_a) == len(run_dirs):
-            result["heldout"] = accuracy_difference(acc_a, acc_r)
-        if len(kl_a) == len(run_dirs):
-            result["kl"] = kl_difference(kl_a, kl_r)
-        if len(result) > 1:
-            out[arm] = result
-    return out
+    ref = [arm_rows(d, reference) for d in run_dirs]
+    found = {arm: compare([arm_rows(d, arm) for d in run_dirs], ref) for arm in arms if arm != reference}
+    return {arm: d for arm, d in found.items() if len(d) > 1}

@@ -95,22 +95,51 @@ def paired_table(results: list[dict], run: str) -> list[str]:
     found = paired([r["run_dir"] for r in rows], list(rows[0]["arms"]))
     if not found:
         return []
-
-    def cell(d: dict | None, scale: float, digits: int) -> list[str]:
-        if not d:
-            return ["-", "-"]
-        f = f"{{:+.{digits}f}}"
-        return [f"{f.format(scale * d['diff'])} [{f.format(scale * d['low'])}, {f.format(scale * d['high'])}]",
-                "**yes**" if d["beyond_noise"] else "no"]
-
     pct = f"{100 * CONFIDENCE:.0f} %"
     lines = [f"### Against DELIA: paired bootstrap over {len(rows)} seed(s) and their rows ({RESAMPLES:,} "
              f"resamples, {pct} interval)", "",
              f"| Arm | Held-out format, arm − DELIA (points) [{pct}] | Beyond noise | "
              f"KL, arm − DELIA (nats/token) [{pct}] | Beyond noise |", "|---|---|---|---|---|"]
     for arm, d in found.items():
-        lines.append("| " + " | ".join([label(arm)] + cell(d.get("heldout"), 100, 1) + cell(d.get("kl"), 1, 3)) + " |")
+        lines.append("| " + " | ".join([label(arm)] + _cell(d.get("heldout"), 100, 1) + _cell(d.get("kl"), 1, 3)) + " |")
     return lines
+
+
+def _cell(d: dict | None, scale: float, digits: int) -> list[str]:
+    """A bootstrap difference as 'diff [low, high]' and whether it is beyond noise."""
+    if not d:
+        return ["-", "-"]
+    f = f"{{:+.{digits}f}}"
+    return [f"{f.format(scale * d['diff'])} [{f.format(scale * d['low'])}, {f.format(scale * d['high'])}]",
+            "**yes**" if d["beyond_noise"] else "no"]
+
+
+def across_runs_table(exp: dict, results: list[dict]) -> list[str]:
+    """Each trained arm of every later run against the same arm in the first run (a higher mix.ratio
+    against the lowest, say), paired over the seeds both finished and their rows; a run that scores
+    other rows (another task split) is left out by the pairing."""
+    from .bootstrap import CONFIDENCE, RESAMPLES, arm_rows, compare
+
+    first = exp["runs"][0]["name"]
+    base = {(r["seed"], a): r["run_dir"] for r in results if r["run"] == first for a, m in r["arms"].items() if m["train"]}
+    lines = []
+    for run in exp["runs"][1:]:
+        rows = [r for r in results if r["run"] == run["name"]]
+        for arm in dict.fromkeys(a for r in rows for a in r["arms"]):
+            pairs = [(r["run_dir"], base[r["seed"], arm]) for r in rows if (r["seed"], arm) in base]
+            if not pairs:
+                continue
+            d = compare([arm_rows(mine, arm) for mine, _ in pairs], [arm_rows(theirs, arm) for _, theirs in pairs])
+            if len(d) > 1:
+                lines.append("| " + " | ".join([run["name"], label(arm), str(len(pairs))] + _cell(d.get("heldout"), 100, 1)
+                                               + _cell(d.get("kl"), 1, 3)) + " |")
+    if not lines:
+        return []
+    pct = f"{100 * CONFIDENCE:.0f} %"
+    return ["", f"## Each arm against itself in run {first}", "",
+            f"Paired bootstrap over the seeds both runs finished and their rows ({RESAMPLES:,} resamples, {pct} interval).", "",
+            f"| Run | Arm | Seeds | Held-out format, run − {first} (points) [{pct}] | Beyond noise | "
+            f"KL, run − {first} (nats/token) [{pct}] | Beyond noise |", "|---|---|---|---|---|---|---|"] + lines
 
 
 def costs_tables(exp: dict, results: list[dict]) -> list[str]:
@@ -124,6 +153,7 @@ def costs_tables(exp: dict, results: list[dict]) -> list[str]:
             lines += ["", f"## Costs and controls: {run['name']}", ""] + [t.replace("## ", "### ", 1) for t in tables]
         if paired_lines := paired_table(results, run["name"]):
             lines += [""] + paired_lines
+    lines += across_runs_table(exp, results)
     if points := tradeoff(exp, results):
         lines += ["", tradeoff_words(points), "", f"![format accuracy against drift]({exp['dir']}/tradeoff.png)"]
     return lines
