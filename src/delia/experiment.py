@@ -138,7 +138,9 @@ def run_experiment(path: str | Path, report_only: bool = False) -> Path:
         from .runfolder import atomic_path
 
         with atomic_path(exp_dir / "tradeoff.png") as tmp:
-            plot_tradeoff(points, tmp, f"{exp['dir']}: mean and sd over seeds {', '.join(map(str, exp['seeds']))}")
+            seeds = ", ".join(map(str, sorted({r["seed"] for r in results})))
+            plot_tradeoff(points, tmp, f"{exp['dir']}: mean and sd over seeds {seeds}"
+                          + (" (some runs fewer)" if missing else ""))
     report = exp_dir / "report.md"
     text = render({**exp, "seeds": sorted({r["seed"] for r in results})} if missing else exp, results)
     if missing:
