@@ -133,16 +133,16 @@ def run_experiment(path: str | Path, report_only: bool = False) -> Path:
                         "token_distance": data["token_distance"], "divergent": data["divergent"],
                         "seconds": round(sum(v["seconds"] for v in data["stages"].values()), 1)})
     write_json(exp_dir / "report.json", {"experiment": str(path), "base": exp["base"], "results": results})
+    finished = sorted({r["seed"] for r in results})
     if points := tradeoff(exp, results):
         from .analysis.drift import plot_tradeoff
         from .runfolder import atomic_path
 
         with atomic_path(exp_dir / "tradeoff.png") as tmp:
-            seeds = ", ".join(map(str, sorted({r["seed"] for r in results})))
-            plot_tradeoff(points, tmp, f"{exp['dir']}: mean and sd over seeds {seeds}"
+            plot_tradeoff(points, tmp, f"{exp['dir']}: mean and sd over seeds {', '.join(map(str, finished))}"
                           + (" (some runs fewer)" if missing else ""))
     report = exp_dir / "report.md"
-    text = render({**exp, "seeds": sorted({r["seed"] for r in results})} if missing else exp, results)
+    text = render({**exp, "seeds": finished} if missing else exp, results)
     if missing:
         text += f"\nNot finished when this report was made (`--report-only`): {', '.join(missing)}.\n"
     write_text(report, text)

@@ -119,10 +119,10 @@ def render(data: dict) -> str:
                   + {"mask": "(their end-of-turn carries no loss).", "drop": f"({sampled['cut_asked']} dropped, "
                      "further queries asked).", "keep": "(trained as if whole)."}[sampled["cut_answers"]], ""]
     if (mixed := data["stages"].get("mix", {})).get("self_distilled_rows"):
-        lines += [f"Self-distilled rewrites that passed the task's evaluator: {mixed['self_distilled_kept']} of "
-                  f"{mixed['self_distilled_rows']} (the others train on their reference answers"
-                  + (", so this arm is common tuning in another order)." if not mixed["self_distilled_kept"] else ").")
-                  , ""]
+        kept = mixed["self_distilled_kept"]
+        lines += [f"Self-distilled rewrites that passed the task's evaluator: {kept} of {mixed['self_distilled_rows']} "
+                  "(the others train on their reference answers"
+                  + (", so this arm is common tuning in another order)." if not kept else ")."), ""]
     tr = cfg["train"]
     lines += ["## Settings", "",
               f"LoRA r {tr['lora_r']}, alpha {tr['lora_alpha']}, dropout {tr['lora_dropout']} on "
