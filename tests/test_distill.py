@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import json
 
+import pytest
 import torch
 
 from delia.config import TaskConfig, TrainConfig, load_config
@@ -101,6 +102,33 @@ def test_self_distilled_keeps_the_reference_unless_the_rewrite_passes_the_evalua
         row = self_distilled_row(TASK_ROW, rewrite, TASK)
         assert row["rewritten"] is kept and row["messages"][:-1] == TASK_ROW["messages"][:-1]
         assert row["messages"][-1]["content"] == (rewrite if kept else TASK_ROW["messages"][-1]["content"])
+
+
+def test_self_distilled_prefill_begins_the_reply_with_what_every_answer_begins_with(tiny):
+    from delia.baselines import answer_opening, prefilled_rewrite, self_distilled_row
+
+    def row(answer):
+        return {"messages": TASK_ROW["messages"][:-1] + [{"role": "assistant", "content": answer}]}
+
+    two = [TASK_ROW, row('{"thought": "3 + 3 is 6.", "hallucination": "no"}')]
+    assert answer_opening(two) == ('{"thought": "', "")
+    # the space after the shared words stays out of the prompt and goes back between the opening and the reply
+    assert answer_opening([row('{"thought": "The sum is 4."}'), row('{"thought": "The sum is 6."}')]) == (
+        '{"thought": "The sum is', " ")
+    _, tokenizer = tiny
+    text = prefilled_rewrite(tokenizer, TASK_ROW, '{"thought": "')
+    assert text.endswith('<|im_start|>assistant\n{"thought": "') and TASK_ROW["messages"][-1]["content"] in text
+    # the reply continues the opening; together they are the rewrite the evaluator judges
+    assert self_distilled_row(TASK_ROW, '{"thought": "' + 'Four, not five.", "hallucination": "yes"}', TASK)["rewritten"]
+
+
+def test_self_distilled_prefill_is_refused_with_the_openai_backend():
+    from delia import DeliaError
+
+    sets = ["arms=[untouched, self_distilled]", "generation.backend=openai", "generation.base_url=http://127.0.0.1:1/v1"]
+    with pytest.raises(DeliaError, match="'baselines.self_distill_prefill': the openai backend cannot pre-fill"):
+        load_config(None, sets)
+    assert load_config(None, sets + ["baselines.self_distill_prefill=false"]).baselines.self_distill_prefill is False
 
 
 def test_self_distilled_arm_trains_on_its_rewrites(tiny_model_dir, tmp_path, capsys):

@@ -12,7 +12,8 @@ fact-based injection rows and DMT's second-stage rows. Model arithmetic decodes 
 - Self-distilled targets (SDFT, Yang et al. 2024): the untouched model rewrites each task answer in its
   own words, shown the task prompt and the reference; a rewrite is kept only if it passes the task's
   own evaluator (parses, holds the required keys, the same label), else the reference stays
-  (`rewrite_request`, `self_distilled_row`).
+  (`rewrite_request`, `self_distilled_row`). By default the reply is pre-filled with the opening all
+  references share (`answer_opening`): without it the 135M default rewrote every answer in prose.
 - DiPMT (Ghazvininejad et al. 2023), translation, no training: for the `dipmt_words` words of the
   source sentence that are in the dictionary and rarest in the training sources (ties: the earlier
   word), a paragraph of hints 'In this context, the word "X" means "Y".' (Y: its first two senses
@@ -24,6 +25,7 @@ from __future__ import annotations
 
 import json
 import math
+import os
 import random
 import re
 from collections import Counter
@@ -137,6 +139,20 @@ def rewrite_request(row: dict) -> list[dict]:
     """The messages asking the untouched model to rewrite a task row's answer."""
     prompt = next(m["content"] for m in row["messages"] if m["role"] == "user")
     return [{"role": "user", "content": REWRITE.format(prompt=prompt, reference=row["messages"][-1]["content"])}]
+
+
+def answer_opening(rows: list[dict]) -> tuple[str, str]:
+    """The text every row's answer starts with, as (the pre-fill, the whitespace that follows it in every
+    answer): a reply pre-filled with it continues in the task's format. The whitespace is kept apart
+    because a prompt ending in a space tokenizes unlike any answer."""
+    shared = os.path.commonprefix([r["messages"][-1]["content"] for r in rows]) if rows else ""
+    opening = shared.rstrip()
+    return opening, shared[len(opening):]
+
+
+def prefilled_rewrite(tokenizer, row: dict, opening: str) -> str:
+    """The rewrite request in the model's chat template with the reply already begun with `opening`."""
+    return tokenizer.apply_chat_template(rewrite_request(row), add_generation_prompt=True, tokenize=False) + opening
 
 
 def self_distilled_row(row: dict, rewrite: str, task: TaskConfig) -> dict:

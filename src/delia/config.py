@@ -297,6 +297,10 @@ class BaselinesConfig:
     """`kl_anchor` arm: weight of the KL term to the untouched model on the diverse rows."""
     token_distill_beta: Annotated[float, NonNegative] = 1.0
     """`token_distilled` arm: weight of the KL term to the untouched model reading the description."""
+    self_distill_prefill: bool = True
+    """`self_distilled` arms: start the rewrite's reply with the opening every reference answer shares
+    (the format's scaffold, e.g. `{"thought": "`), so a small model rewrites in the format rather than in
+    prose; false: the reply is the model's from its first token. Not with the openai backend."""
 
 
 @dataclass
@@ -439,6 +443,10 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
                          "queries; give sample.queries a larger query file (the full Alpaca set has 52,002) or ask for fewer")
     if cfg.baselines.arithmetic_lambdas and cfg.task.kind != "formatted":
         raise DeliaError(f"{path}: 'baselines.arithmetic_lambdas': tuned by format accuracy, so formatted tasks only")
+    if (cfg.generation.backend == "openai" and cfg.baselines.self_distill_prefill
+            and any(ARMS[a].data == "self_distilled" for a in cfg.arms)):
+        raise DeliaError(f"{path}: 'baselines.self_distill_prefill': the openai backend cannot pre-fill a reply; "
+                         "set it to false or use the local, ctranslate2 or vllm backend")
     if cfg.generation.backend == "openai" and not cfg.generation.base_url:
         raise DeliaError(f"{path}: 'generation.base_url': the openai backend needs the server's URL")
     if cfg.controls.other_token in cfg.task.new_tokens or not cfg.controls.other_token.strip():

@@ -283,7 +283,8 @@ def _mix_dmt(cfg: RunConfig, task_rows: list[dict]) -> dict:
 
 
 def _mix_self_distilled(cfg: RunConfig, task_rows: list[dict]) -> dict:
-    """SDFT's rows: each task answer rewritten by the untouched model, kept if the evaluator accepts it
+    """SDFT's rows: each task answer rewritten by the untouched model (its reply pre-filled with the opening
+    the answers share, unless `baselines.self_distill_prefill` is off), kept if the evaluator accepts it
     (`baselines.self_distilled_row`); greedy, through the generation cache (`mix/self_distilled_cache.jsonl`)."""
     from .data.generation_cache import generate_cached
     from .evaluate.formatted import answer_budget
@@ -291,15 +292,23 @@ def _mix_self_distilled(cfg: RunConfig, task_rows: list[dict]) -> dict:
     from .model.loading import load_tokenizer, model_source
     from .runfolder import fingerprint
 
-    budget = answer_budget(load_tokenizer(model_source(cfg.model), cfg.model.trust_remote_code), task_rows, cfg.evaluate)
-    requests = [Request(key=fingerprint({"model": model_key(cfg.model), "prompt": baselines.rewrite_request(r),
-                                         "max_new_tokens": budget}), messages=baselines.rewrite_request(r))
-                for r in task_rows]
+    tokenizer = load_tokenizer(model_source(cfg.model), cfg.model.trust_remote_code)
+    budget = answer_budget(tokenizer, task_rows, cfg.evaluate)
+    opening, gap = baselines.answer_opening(task_rows) if cfg.baselines.self_distill_prefill else ("", "")
+
+    def request(row: dict) -> Request:
+        messages = baselines.rewrite_request(row)
+        text = baselines.prefilled_rewrite(tokenizer, row, opening) if opening else ""
+        return Request(key=fingerprint({"model": model_key(cfg.model), "prompt": messages, "prefill": opening,
+                                        "max_new_tokens": budget}), messages=messages, text=text)
+
+    requests = [request(r) for r in task_rows]
     paths(cfg).stage("mix").mkdir(parents=True, exist_ok=True)
     answers, _ = generate_cached(requests, paths(cfg).stage("mix") / "self_distilled_cache.jsonl",
                                  lambda: make_generator(cfg.model, cfg.generation, cfg.evaluate.batch_size),
                                  budget, 0.0, 1.0, cfg.seed, desc="self-distilled rewrites")
-    rows = [baselines.self_distilled_row(r, answers[q.key]["answer"], cfg.task) for r, q in zip(task_rows, requests)]
+    lead = opening + gap if opening else ""
+    rows = [baselines.self_distilled_row(r, lead + answers[q.key]["answer"], cfg.task) for r, q in zip(task_rows, requests)]
     write_jsonl(paths(cfg).mix("self_distilled"), rows)
     kept = sum(r["rewritten"] for r in rows)
     if kept < len(rows):
@@ -324,6 +333,7 @@ MIX_DATA = {
     "delia": MixData(_mix_delia),
     "self_distilled": MixData(_mix_self_distilled, lambda cfg: {"self_distilled": {
         "model": model_key(cfg.model), "backend": cfg.generation.backend, "evaluate": config_dict(cfg)["evaluate"],
+        "prefill": cfg.baselines.self_distill_prefill,
         "task": config_dict(cfg)["task"]}}),
 }
 """What each kind of trained arm trains on (`Arm.data`), built by the mix stage."""
