@@ -43,6 +43,20 @@ def test_task_stage_writes_rows_and_manifest(tmp_path):
     assert manifest["status"] == "done" and manifest["outputs"]["train_rows"] == 10 and "transformers" in manifest["versions"]
     again = _delia("task", "c.yaml", cwd=tmp_path)
     assert "up to date" in again.stdout
+    # a changed setting makes the stage run again, and the user is told which one
+    changed = _delia("task", "c.yaml", "--set", "task.train_rows=12", cwd=tmp_path)
+    assert changed.returncode == 0 and "up to date" not in changed.stdout
+    assert "delia: task: finished before with other settings.task.train_rows; running it again" in changed.stdout
+    assert len((folder / "train.jsonl").read_text().splitlines()) == 12
+
+
+def test_differences_name_what_changed():
+    from delia.runfolder import differences
+
+    old = {"settings": {"task": {"rows": 1, "kind": "a"}, "seed": 0}, "inputs": {"data": {"sha256": "x"}}}
+    new = {"settings": {"task": {"rows": 1, "kind": "a", "metric": "object"}, "seed": 1}, "inputs": {"data": {"sha256": "y"}}}
+    assert differences(old, new) == ["settings.task.metric", "settings.seed", "inputs.data.sha256"]
+    assert differences(old, old) == [] and differences({"a": 1}, {}) == ["a"]
 
 
 def test_missing_task_file_is_one_line(tmp_path):

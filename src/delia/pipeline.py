@@ -35,6 +35,10 @@ def up_to_date(stage: Stage) -> dict | None:
     done = stage.done()
     if done:
         print(f"delia: {stage.name}: up to date ({stage.folder})", flush=True)
+    elif changed := stage.changed():
+        more = f" and {len(changed) - 4} more" if len(changed) > 4 else ""
+        print(f"delia: {stage.name}: finished before with other {', '.join(changed[:4])}{more}; running it again",
+              flush=True)
     return done
 
 

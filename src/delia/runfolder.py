@@ -112,6 +112,14 @@ def not_a_file(path: str | Path) -> str:
     return "file not found"
 
 
+def differences(old: Any, new: Any, name: str = "") -> list[str]:
+    """The dotted names under which two JSON-like values differ (a key only one side has counts)."""
+    if isinstance(old, dict) and isinstance(new, dict):
+        keys = list(new) + [k for k in old if k not in new]
+        return [d for k in keys for d in differences(old.get(k), new.get(k), f"{name}.{k}" if name else str(k))]
+    return [] if old == new else [name]
+
+
 class Stage:
     """Times one stage and writes its manifest (inputs with hashes, settings, versions, times).
 
@@ -138,6 +146,16 @@ class Stage:
             return None
         old = json.loads(path.read_text())
         return old if old.get("key") == self.key and old.get("status") == "done" else None
+
+    def changed(self) -> list[str]:
+        """What differs from the last time this stage finished here, as dotted names (`settings.task.metric`,
+        `inputs.data`): why it runs again. Empty when it never finished or nothing differs."""
+        path = self.folder / MANIFEST
+        old = json.loads(path.read_text()) if path.exists() else {}
+        if old.get("status") != "done":
+            return []
+        return differences({"settings": old.get("settings"), "inputs": old.get("inputs")},
+                           {"settings": self.settings, "inputs": self.inputs})
 
     def finish(self, **outputs: Any) -> dict:
         self.outputs.update(outputs)
