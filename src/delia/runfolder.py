@@ -139,20 +139,21 @@ class Stage:
         self.outputs: dict[str, Any] = {}
         self.started = time.time()
 
+    def _finished_before(self) -> dict:
+        """The manifest of the last time this stage finished here (any key), else {}."""
+        path = self.folder / MANIFEST
+        old = json.loads(path.read_text()) if path.exists() else {}
+        return old if old.get("status") == "done" else {}
+
     def done(self) -> dict | None:
         """The earlier manifest if this exact stage already finished, else None."""
-        path = self.folder / MANIFEST
-        if not path.exists():
-            return None
-        old = json.loads(path.read_text())
-        return old if old.get("key") == self.key and old.get("status") == "done" else None
+        old = self._finished_before()
+        return old if old.get("key") == self.key else None
 
     def changed(self) -> list[str]:
         """What differs from the last time this stage finished here, as dotted names (`settings.task.metric`,
         `inputs.data`): why it runs again. Empty when it never finished or nothing differs."""
-        path = self.folder / MANIFEST
-        old = json.loads(path.read_text()) if path.exists() else {}
-        if old.get("status") != "done":
+        if not (old := self._finished_before()):
             return []
         return differences({"settings": old.get("settings"), "inputs": old.get("inputs")},
                            {"settings": self.settings, "inputs": self.inputs})
