@@ -142,3 +142,18 @@ def test_bad_control_settings_are_refused(bad):
 
     with pytest.raises(DeliaError, match="controls"):
         load_config(None, [bad])
+
+
+def test_general_says_when_the_sample_leaves_fewer_queries_than_asked(tiny_model_dir, tmp_path, capsys):
+    from delia.pipeline import stage_general, stage_sample, stage_task
+    from delia.runfolder import read_jsonl
+
+    (tmp_path / "q.jsonl").write_text("".join(f'{{"instruction": "Name {n} colours.", "output": "Red."}}\n' for n in range(20)))
+    cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
+                             "task.eval_rows=2", "arms=[untouched, delia]", f"sample.queries={tmp_path / 'q.jsonl'}",
+                             "sample.max_new_tokens=4", "mix.ratio=2", "controls.general_queries=6",
+                             "controls.general_max_new_tokens=4"])
+    stage_task(cfg), stage_sample(cfg)
+    assert stage_general(cfg)["outputs"]["rows"] == 4  # 20 queries, 16 sampled
+    assert len(read_jsonl(tmp_path / "general" / "queries.jsonl")) == 4
+    assert "only 4 of controls.general_queries 6 are left after the 16 queries" in capsys.readouterr().out

@@ -239,6 +239,10 @@ def stage_general(cfg: RunConfig) -> dict:
         if len(picked) == c.general_queries:
             break
     picked.reverse()
+    if len(picked) < c.general_queries:
+        # e.g. a high mix.ratio asks nearly every query: drift then rests on fewer queries than other runs'
+        print(f"delia: general: only {len(picked)} of controls.general_queries {c.general_queries} are left after "
+              f"the {len(used)} queries the sample asked; drift and leakage are measured on those", flush=True)
     requests = [Request(key=fingerprint({"model": model_key(cfg.model), "query": q, "max_new_tokens": c.general_max_new_tokens}),
                         messages=[{"role": "user", "content": q}]) for q, _ in picked]
     run.stage("general").mkdir(parents=True, exist_ok=True)
