@@ -153,7 +153,8 @@ def test_general_says_when_the_sample_leaves_fewer_queries_than_asked(tiny_model
                              "task.eval_rows=2", "arms=[untouched, delia]", f"sample.queries={tmp_path / 'q.jsonl'}",
                              "sample.max_new_tokens=4", "mix.ratio=2", "controls.general_queries=6",
                              "controls.general_max_new_tokens=4"])
-    stage_task(cfg), stage_sample(cfg)
+    stage_task(cfg)
+    stage_sample(cfg)
     assert stage_general(cfg)["outputs"]["rows"] == 4  # 20 queries, 16 sampled
     assert len(read_jsonl(tmp_path / "general" / "queries.jsonl")) == 4
     assert "only 4 of controls.general_queries 6 are left after the 16 queries" in capsys.readouterr().out
