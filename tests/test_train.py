@@ -161,6 +161,19 @@ def test_lora_variants_train_and_load_back_through_peft(tiny_model_dir, tmp_path
     assert any("lora_magnitude_vector" in n for n in names) == (variant == "dora")
 
 
+def test_a_model_placed_on_the_cpu_trains_there_in_bfloat16_too(tiny_model_dir, tmp_path):
+    """`model.device: cpu` (or no GPU) with `model.dtype: bfloat16`: the Trainer is told it is on the CPU,
+    else it refuses bf16 there (and, on a machine with a GPU, would move the model to it)."""
+    from delia.model.loading import load_model
+
+    model, tokenizer = load_model(tiny_model_dir, "bfloat16", device="cpu")
+    rows = [{"messages": MESSAGES, "source": "task"}] * 4
+    cfg = TrainConfig(batch_size=2, micro_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0)
+    stats = train_lora(model, tokenizer, rows, cfg, TaskConfig(), tmp_path, seed=0)
+    assert stats["steps"] == 2 and (tmp_path / "adapter" / "adapter_model.safetensors").exists()
+    assert model.device.type == "cpu" and model.dtype == torch.bfloat16
+
+
 def test_a_cut_answer_trains_its_text_but_not_the_end_of_turn(tiny):
     from delia.model.chat import IGNORE, tokenize_chat
 

@@ -44,5 +44,5 @@ def add_new_tokens(model, tokenizer, tokens: list[str], init: str, description: 
                 rows = w[:old_size].float().mean(0, keepdim=True).expand(len(new), -1)
             else:
                 rows = w[desc_ids].float().mean(0, keepdim=True).expand(len(new), -1)
-            w[new] = rows.to(w.dtype)
+            w[new] = rows.to(device=w.device, dtype=w.dtype)  # drawn on the CPU: the same rows on any device
     return ids

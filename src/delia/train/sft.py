@@ -37,7 +37,9 @@ def _sum_over_processes(values: list[int]) -> list[int]:
 
     if not (dist.is_available() and dist.is_initialized()):
         return values
-    t = torch.tensor(values, dtype=torch.int64)
+    # NCCL reduces only tensors on the GPU; gloo, those on the CPU
+    device = f"cuda:{torch.cuda.current_device()}" if dist.get_backend() == "nccl" else "cpu"
+    t = torch.tensor(values, dtype=torch.int64, device=device)
     dist.all_reduce(t)
     return t.tolist()
 
@@ -225,7 +227,7 @@ def _trackers(cfg: TrainConfig, out_dir: Path) -> list:
 
 
 def _training_arguments(cfg: TrainConfig, out_dir: Path, micro: int, accumulation: int, processes: int,
-                        seed: int, max_steps: int, neftune_alpha: float, bf16: bool):
+                        seed: int, max_steps: int, neftune_alpha: float, bf16: bool, on_cpu: bool):
     from transformers import TrainingArguments
 
     return TrainingArguments(
@@ -255,9 +257,19 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, micro: int, accumulatio
         dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
         bf16=bf16,
         disable_tqdm=False,
-        # several processes and no GPU (the CPU test of a launch config): gloo, as NCCL needs GPUs
-        **({"use_cpu": True, "ddp_backend": "gloo"} if processes > 1 and not torch.cuda.is_available() else {}),
+        # on the CPU the Trainer must be told so (else it moves the model to a GPU, and refuses bf16);
+        # several processes there talk over gloo, as NCCL needs GPUs
+        **({"use_cpu": True, **({"ddp_backend": "gloo"} if processes > 1 else {})} if on_cpu else {}),
     )
+
+
+def _on_cpu(model, processes: int) -> bool:
+    """Whether training runs on the CPU: no GPU here, `accelerate launch` was told `use_cpu`, or one
+    process with the model placed on the CPU (`model.device: cpu`). Launched processes load the model on
+    the CPU and leave its placement to the Trainer."""
+    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+        return True
+    return processes == 1 and model.device.type == "cpu"
 
 
 def _save(trainer, model, tokenizer, adapter: Path, task: TaskConfig, token_init: str, seed_init: int, rank: int):
@@ -319,7 +331,7 @@ def train_lora(
         **({"beta": beta} if distill else {}),
         model=model,
         args=_training_arguments(cfg, out_dir, micro, accumulation, processes, seed, max_steps, neftune_alpha,
-                                 bf16=model.dtype == torch.bfloat16),
+                                 bf16=model.dtype == torch.bfloat16, on_cpu=_on_cpu(model, processes)),
         train_dataset=Dataset.from_list(examples),
         data_collator=collator,
         callbacks=[_log_callback(loss_log, collator, rank), *_trackers(cfg, out_dir), *(callbacks or [])],
