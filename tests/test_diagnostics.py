@@ -130,17 +130,18 @@ def test_new_token_modes_train_the_row_and_reload(tiny_model_dir, tmp_path, mode
     from delia.model.adapter import load_adapter
     from delia.train.sft import train_lora
 
-    model, tokenizer = load_model(tiny_model_dir)
+    # float32 on any device: the claim is an exact reload (in bf16 the Trainer leaves an autocast on `model`)
+    model, tokenizer = load_model(tiny_model_dir, "float32")
     cfg = TrainConfig(batch_size=2, micro_batch_size=2, learning_rate=1e-2, warmup_ratio=0.0, new_token_mode=mode,
                       new_token_lr=lr)
     train_lora(model, tokenizer, [ROW] * 4, cfg, TaskConfig(), tmp_path, seed=0)
-    reloaded, tok = load_adapter(*load_model(tiny_model_dir), tmp_path / "adapter")
-    ids = tok(ROW["messages"][0]["content"], return_tensors="pt")["input_ids"]
+    reloaded, tok = load_adapter(*load_model(tiny_model_dir, "float32"), tmp_path / "adapter")
+    ids = tok(ROW["messages"][0]["content"], return_tensors="pt")["input_ids"].to(model.device)
     model.eval()
     reloaded.eval()
     with torch.no_grad():
         assert torch.allclose(model(ids).logits, reloaded(ids).logits, atol=1e-5)
-    base, base_tok = load_model(tiny_model_dir)
+    base, base_tok = load_model(tiny_model_dir, "float32")
     (sep,) = add_new_tokens(base, base_tok, ["<sep>"], "random", seed=0)
     row = reloaded.merge_and_unload().get_input_embeddings().weight[sep]
     assert not torch.allclose(row, base.get_input_embeddings().weight[sep])

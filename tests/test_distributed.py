@@ -10,13 +10,13 @@ from pathlib import Path
 import pytest
 
 ROOT = Path(__file__).resolve().parent.parent
-CONFIG = "run_dir: {run}\nmodel: {{name: {model}}}\narms: [common]\ntask: {{train_rows: 16, eval_rows: 2}}\n" \
-         "train: {{batch_size: 8, micro_batch_size: 2, save_steps: 1}}\n"
+CONFIG = "run_dir: {run}\nmodel: {{name: {model}, device: {device}}}\narms: [common]\n" \
+         "task: {{train_rows: 16, eval_rows: 2}}\ntrain: {{batch_size: 8, micro_batch_size: 2, save_steps: 1}}\n"
 
 
-def _prepare(tmp_path: Path, model: str, name: str) -> Path:
+def _prepare(tmp_path: Path, model: str, name: str, device: str = "auto") -> Path:
     config = tmp_path / f"{name}.yaml"
-    config.write_text(CONFIG.format(run=tmp_path / name, model=model))
+    config.write_text(CONFIG.format(run=tmp_path / name, model=model, device=device))
     for verb in ("task", "mix"):
         out = subprocess.run([sys.executable, "-m", "delia.cli", verb, str(config)], capture_output=True, text=True)
         assert out.returncode == 0, out.stderr[-2000:]
@@ -24,7 +24,8 @@ def _prepare(tmp_path: Path, model: str, name: str) -> Path:
 
 
 def test_two_cpu_processes_train_what_one_does(tiny_model_dir, tmp_path):
-    one, two = _prepare(tmp_path, tiny_model_dir, "one"), _prepare(tmp_path, tiny_model_dir, "two")
+    # both on the CPU, a GPU or not: the launched processes are (ddp-cpu.yaml's use_cpu)
+    one, two = _prepare(tmp_path, tiny_model_dir, "one", "cpu"), _prepare(tmp_path, tiny_model_dir, "two", "cpu")
     out = subprocess.run([sys.executable, "-m", "delia.cli", "train", str(one), "--arm", "common"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
@@ -67,3 +68,39 @@ def test_other_verbs_refuse_to_run_in_several_processes(tmp_path):
     out = subprocess.run([sys.executable, "-m", "delia.cli", "task", str(tmp_path / "c.yaml")], capture_output=True,
                          text=True, env={**os.environ, "WORLD_SIZE": "2", "RANK": "0"})
     assert out.returncode == 2 and out.stderr.count("\n") == 1 and "only `delia train` runs under" in out.stderr
+
+
+def _cuda() -> bool:
+    import torch
+
+    return torch.cuda.is_available()
+
+
+@pytest.mark.skipif(not _cuda(), reason="needs a CUDA GPU")
+@pytest.mark.parametrize("name, parallel", [("ddp.yaml", "none"), ("fsdp.yaml", "fsdp"),
+                                            ("deepspeed-zero2.yaml", "deepspeed"), ("deepspeed-zero3.yaml", "deepspeed")])
+def test_shipped_launch_configs_train_on_one_gpu(tiny_model_dir, tmp_path, name, parallel):
+    """Each shipped GPU config, one process on one GPU: the arm trains what `delia train` alone trains."""
+    if name.startswith("deepspeed"):
+        pytest.importorskip("deepspeed")
+    one, launched = _prepare(tmp_path, tiny_model_dir, "one"), _prepare(tmp_path, tiny_model_dir, "launched")
+    out = subprocess.run([sys.executable, "-m", "delia.cli", "train", str(one), "--arm", "common"],
+                         capture_output=True, text=True)
+    assert out.returncode == 0, out.stderr[-2000:]
+    launcher = Path(sys.executable).parent / "accelerate"
+    out = subprocess.run([str(launcher), "launch", "--config_file", str(ROOT / "configs/accelerate" / name),
+                          "--num_processes", "1", "-m", "delia.cli", "train", str(launched), "--arm", "common"],
+                         capture_output=True, text=True, timeout=600)
+    assert out.returncode == 0, out.stderr[-3000:]
+    a, b = (json.loads((tmp_path / n / "train/common/manifest.json").read_text())["outputs"]
+            for n in ("one", "launched"))
+    assert (b["processes"], b["parallel"]) == (1, parallel)
+    assert a["steps"] == b["steps"] == 2
+    assert (a["trained_tokens"], a["loss_tokens"]) == (b["trained_tokens"], b["loss_tokens"])
+    assert b["first_loss"] == pytest.approx(a["first_loss"], rel=2e-2)  # bf16 on both sides
+
+    from delia.model.adapter import load_adapter
+    from delia.model.loading import load_model
+
+    model, _ = load_adapter(*load_model(tiny_model_dir), tmp_path / "launched/train/common/adapter")
+    assert type(model).__name__ == "PeftModelForCausalLM"
