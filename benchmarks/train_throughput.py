@@ -2,7 +2,8 @@
 model, rows, LoRA settings, batch and schedule (loss on the answers only, one epoch), each in its own
 process; also delia with the Trainer's random micro-batches (`train.sampling: random`), to show where
 the difference comes from. Prints the loss of every step of each, and model FLOPs utilisation
-against this machine's measured fp32 matmul peak.
+against the measured matmul peak of the device both train on (the GPU in bf16 when there is one, as
+`model.device: auto` places the model; else the CPU in fp32).
 
     pip install trl==1.16.0   # the peer, not a delia dependency
     .venv/bin/python benchmarks/train_throughput.py [--task-rows 24] [--ratio 3] [--batch 16] [--micro 4]
@@ -38,17 +39,23 @@ def rows(task_rows: int, ratio: float, seed: int = 0) -> list[dict]:
     return mix_with_diverse(task, diverse, ratio, seed)
 
 
-def matmul_peak(seconds: float = 3.0, n: int = 2048) -> float:
-    """fp32 GFLOP/s of torch.mm on this machine, at torch's thread count."""
+def matmul_peak(seconds: float = 3.0) -> tuple[float, str]:
+    """(GFLOP/s of torch.mm, what was measured): bf16 on the GPU when there is one, else fp32 on the CPU
+    at torch's thread count."""
     import torch
 
-    a, b = torch.randn(n, n), torch.randn(n, n)
+    cuda = torch.cuda.is_available()
+    n, kw = (8192, {"device": "cuda", "dtype": torch.bfloat16}) if cuda else (2048, {})
+    a, b = torch.randn(n, n, **kw), torch.randn(n, n, **kw)
     torch.mm(a, b)
     count, start = 0, time.perf_counter()
     while time.perf_counter() - start < seconds:
         torch.mm(a, b)
         count += 1
-    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9
+        if cuda:
+            torch.cuda.synchronize()
+    what = f"bf16 on {torch.cuda.get_device_name()}" if cuda else f"fp32 on the CPU, {torch.get_num_threads()} threads"
+    return 2 * n**3 * count / (time.perf_counter() - start) / 1e9, what
 
 
 def run_delia(data: list[dict], args, sampling: str, checkpointing: bool, out: Path) -> dict:
@@ -66,6 +73,7 @@ def run_delia(data: list[dict], args, sampling: str, checkpointing: bool, out: P
 
 
 def run_trl(data: list[dict], args, checkpointing: bool, out: Path) -> dict:
+    import torch
     from datasets import Dataset
     from peft import LoraConfig
     from trl import SFTConfig, SFTTrainer
@@ -80,7 +88,8 @@ def run_trl(data: list[dict], args, checkpointing: bool, out: Path) -> dict:
                        gradient_accumulation_steps=args.batch // args.micro, learning_rate=c.learning_rate,
                        num_train_epochs=1, lr_scheduler_type=c.lr_scheduler, warmup_steps=c.warmup_ratio,
                        logging_steps=1, save_strategy="no", report_to="none", seed=0, max_length=c.max_length,
-                       completion_only_loss=True, packing=False, disable_tqdm=True, bf16=False, use_cpu=True,
+                       completion_only_loss=True, packing=False, disable_tqdm=True,
+                       bf16=model.dtype == torch.bfloat16, use_cpu=model.device.type == "cpu",  # where delia trains
                        gradient_checkpointing=checkpointing)
     lora = LoraConfig(r=c.lora_r, lora_alpha=c.lora_alpha, lora_dropout=c.lora_dropout,
                       target_modules=c.target_modules, task_type="CAUSAL_LM")
@@ -122,8 +131,8 @@ def main() -> None:
         return child(args.child, args)
     import torch
 
-    peak = matmul_peak()
-    print(f"fp32 matmul peak: {peak:.1f} GFLOP/s ({torch.get_num_threads()} threads)", flush=True)
+    peak, measured = matmul_peak()
+    print(f"matmul peak: {peak:,.1f} GFLOP/s ({measured})", flush=True)
     results = {}
     for name in args.arms:
         proc = subprocess.run([sys.executable, __file__, *sys.argv[1:], "--child", name], capture_output=True, text=True)
@@ -145,7 +154,8 @@ def main() -> None:
             print(f"{name} / {peer}: {r['tokens'] / r['seconds'] / (t['tokens'] / t['seconds']):.2f}x tokens/s, "
                   f"{r['peak_mib'] / t['peak_mib']:.2f}x peak memory, mean loss {sum(r['losses']) / len(r['losses']):.3f}"
                   f" vs {sum(t['losses']) / len(t['losses']):.3f}")
-    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {MODEL} fp32")
+    print(f"machine: {platform.machine()}, {os.cpu_count()} cores, torch {torch.__version__}, {MODEL} "
+          f"{'bf16 on the GPU' if torch.cuda.is_available() else 'fp32 on the CPU'}")
     print("command: " + " ".join([Path(sys.executable).name, *sys.argv]))
 
 
