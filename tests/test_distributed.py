@@ -23,18 +23,25 @@ def _prepare(tmp_path: Path, model: str, name: str, device: str = "auto") -> Pat
     return config
 
 
-def test_two_cpu_processes_train_what_one_does(tiny_model_dir, tmp_path):
-    # both on the CPU, a GPU or not: the launched processes are (ddp-cpu.yaml's use_cpu)
-    one, two = _prepare(tmp_path, tiny_model_dir, "one", "cpu"), _prepare(tmp_path, tiny_model_dir, "two", "cpu")
+def _alone_and_launched(tmp_path: Path, model: str, device: str, launch: list[str]) -> tuple[dict, dict]:
+    """The common arm trained by `delia train` alone (run `one`) and under `accelerate launch LAUNCH`
+    (run `two`): the outputs of both manifests."""
+    one, two = _prepare(tmp_path, model, "one", device), _prepare(tmp_path, model, "two", device)
     out = subprocess.run([sys.executable, "-m", "delia.cli", "train", str(one), "--arm", "common"],
                          capture_output=True, text=True)
     assert out.returncode == 0, out.stderr[-2000:]
     launcher = Path(sys.executable).parent / "accelerate"
-    out = subprocess.run([str(launcher), "launch", "--config_file", str(ROOT / "configs/accelerate/ddp-cpu.yaml"),
-                          "-m", "delia.cli", "train", str(two), "--arm", "common"], capture_output=True, text=True,
-                         timeout=600)
+    out = subprocess.run([str(launcher), "launch", *launch, "-m", "delia.cli", "train", str(two), "--arm", "common"],
+                         capture_output=True, text=True, timeout=600)
     assert out.returncode == 0, out.stderr[-3000:]
     a, b = (json.loads((tmp_path / n / "train/common/manifest.json").read_text())["outputs"] for n in ("one", "two"))
+    return a, b
+
+
+def test_two_cpu_processes_train_what_one_does(tiny_model_dir, tmp_path):
+    # both on the CPU, a GPU or not: the launched processes are (ddp-cpu.yaml's use_cpu)
+    a, b = _alone_and_launched(tmp_path, tiny_model_dir, "cpu",
+                               ["--config_file", str(ROOT / "configs/accelerate/ddp-cpu.yaml")])
     assert (a["processes"], a["parallel"], b["processes"], b["parallel"]) == (1, "none", 2, "ddp")
     # the global batch is the same: as many steps, every token trained once (summed over the processes)
     assert a["steps"] == b["steps"] == 2
@@ -83,17 +90,8 @@ def test_shipped_launch_configs_train_on_one_gpu(tiny_model_dir, tmp_path, name,
     """Each shipped GPU config, one process on one GPU: the arm trains what `delia train` alone trains."""
     if name.startswith("deepspeed"):
         pytest.importorskip("deepspeed")
-    one, launched = _prepare(tmp_path, tiny_model_dir, "one"), _prepare(tmp_path, tiny_model_dir, "launched")
-    out = subprocess.run([sys.executable, "-m", "delia.cli", "train", str(one), "--arm", "common"],
-                         capture_output=True, text=True)
-    assert out.returncode == 0, out.stderr[-2000:]
-    launcher = Path(sys.executable).parent / "accelerate"
-    out = subprocess.run([str(launcher), "launch", "--config_file", str(ROOT / "configs/accelerate" / name),
-                          "--num_processes", "1", "-m", "delia.cli", "train", str(launched), "--arm", "common"],
-                         capture_output=True, text=True, timeout=600)
-    assert out.returncode == 0, out.stderr[-3000:]
-    a, b = (json.loads((tmp_path / n / "train/common/manifest.json").read_text())["outputs"]
-            for n in ("one", "launched"))
+    a, b = _alone_and_launched(tmp_path, tiny_model_dir, "auto",
+                               ["--config_file", str(ROOT / "configs/accelerate" / name), "--num_processes", "1"])
     assert (b["processes"], b["parallel"]) == (1, parallel)
     assert a["steps"] == b["steps"] == 2
     assert (a["trained_tokens"], a["loss_tokens"]) == (b["trained_tokens"], b["loss_tokens"])
@@ -102,5 +100,5 @@ def test_shipped_launch_configs_train_on_one_gpu(tiny_model_dir, tmp_path, name,
     from delia.model.adapter import load_adapter
     from delia.model.loading import load_model
 
-    model, _ = load_adapter(*load_model(tiny_model_dir), tmp_path / "launched/train/common/adapter")
+    model, _ = load_adapter(*load_model(tiny_model_dir), tmp_path / "two/train/common/adapter")
     assert type(model).__name__ == "PeftModelForCausalLM"
