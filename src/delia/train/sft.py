@@ -267,7 +267,9 @@ def _on_cpu(model, processes: int) -> bool:
     """Whether training runs on the CPU: no GPU here, `accelerate launch` was told `use_cpu`, or one
     process with the model placed on the CPU (`model.device: cpu`). Launched processes load the model on
     the CPU and leave its placement to the Trainer."""
-    if not torch.cuda.is_available() or os.environ.get("ACCELERATE_USE_CPU", "").lower() in ("1", "true"):
+    from accelerate.utils import parse_flag_from_env
+
+    if not torch.cuda.is_available() or parse_flag_from_env("ACCELERATE_USE_CPU"):  # read as accelerate reads it
         return True
     return processes == 1 and model.device.type == "cpu"
 
