@@ -380,8 +380,15 @@ def test_too_few_queries_for_the_ratio_is_said_before_sampling(tmp_path):
     from delia import DeliaError
     from delia.config import load_config
 
-    with pytest.raises(DeliaError, match="asks for 52000 diverse rows, but sample.queries alpaca_en_demo has 999"):
+    with pytest.raises(DeliaError, match="asks for 52000 diverse rows, but sample.queries alpaca_en_demo has at most 999 "
+                       "queries; add dpo_en_demo,kto_en_demo"):
         load_config("configs/paper.yaml", ["sample.queries=alpaca_en_demo"])
+    with pytest.raises(DeliaError, match="asks for 1632 diverse rows, but sample.queries dpo_en_demo, kto_en_demo,alpaca_en_demo "
+                       "has at most 1591 queries; give a larger"):
+        load_config("configs/demo.yaml", ["mix.ratio=34", "sample.queries=dpo_en_demo, kto_en_demo,alpaca_en_demo"])
+    load_config("configs/demo.yaml", ["mix.ratio=32", "sample.queries=dpo_en_demo,kto_en_demo,alpaca_en_demo"])
+    with pytest.raises(DeliaError, match="'sample.queries': 'magpie,alpaca_en_demo': join named sets or files"):
+        load_config("configs/demo.yaml", ["sample.queries=magpie,alpaca_en_demo"])
     (tmp_path / "q.jsonl").write_text('{"instruction": "Name a colour."}\n' * 5)
     code, err = _delia("run", "configs/demo.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set",
                        f"sample.queries={tmp_path / 'q.jsonl'}")

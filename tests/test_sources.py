@@ -93,3 +93,37 @@ def test_the_task_stage_reads_a_saved_dataset_and_reruns_when_it_changes(tiny_mo
     _dataset(ROWS * 3).save_to_disk(str(tmp_path / "task"))
     again = stage_task(cfg)
     assert again["inputs"] != first["inputs"] and again["outputs"]["train_rows"] != first["outputs"]["train_rows"]
+
+
+def test_query_sources_joined_with_commas_are_read_in_order_without_repeats(tmp_path):
+    from delia.config import load_config
+    from delia.data.queries import load_queries
+    from delia.pipeline import _query_inputs
+
+    (tmp_path / "a.jsonl").write_text("".join(json.dumps({"instruction": q}) + "\n" for q in ["one", "two", "two"]))
+    (tmp_path / "b.csv").write_text("instruction,output\nthree,III\n two ,II\nfour,IV\n")
+    conversations, meta = load_queries(f"{tmp_path / 'a.jsonl'}, {tmp_path / 'b.csv'}")
+    # a repeat inside one source stays (as that source alone gives it); one an earlier source holds is skipped
+    assert [c[0]["content"] for c in conversations] == ["one", "two", "two", "three", "four"]
+    assert conversations[3][1] == {"role": "assistant", "content": "III"} and meta["skipped_repeats"] == 1
+    assert [p["source"] for p in meta["parts"]] == [str(tmp_path / "a.jsonl"), str(tmp_path / "b.csv")]
+    cfg = load_config("configs/demo.yaml", [f"sample.queries={tmp_path / 'a.jsonl'},alpaca_en_demo,{tmp_path / 'b.csv'}"])
+    assert set(_query_inputs(cfg)) == {f"queries:{tmp_path / 'a.jsonl'}", f"queries:{tmp_path / 'b.csv'}"}
+
+
+def test_the_sdist_dpo_and_kto_sets_are_first_turns_as_counted(tmp_path):
+    """The DPO and KTO demo sets become one-turn queries, as many as the config's size check counts;
+    a KTO answer labelled bad is not kept as a reference."""
+    from delia.data.queries import BUILT_IN, _first_turns, load_queries
+
+    for name in ("dpo_en_demo", "kto_en_demo"):
+        conversations, meta = load_queries(name)
+        assert len(conversations) == BUILT_IN[name] and name in meta["source"], name
+        assert all(len(c) in (1, 2) and c[0]["role"] == "user" and c[-1]["role"] in ("user", "assistant")
+                   for c in conversations)
+    rows = [{"conversations": [{"from": "system", "value": "Be brief."}, {"from": "human", "value": "Hi?"}],
+             "chosen": {"from": "gpt", "value": "Hello."}},
+            {"conversations": [{"from": "human", "value": "Hi?"}, {"from": "gpt", "value": "Hey."}]},
+            {"messages": [{"role": "user", "content": "Bye?"}, {"role": "assistant", "content": "No."}], "label": False}]
+    assert _first_turns(rows) == [{"messages": [{"role": "user", "content": "Hi?"}, {"role": "assistant", "content": "Hello."}]},
+                                  {"messages": [{"role": "user", "content": "Bye?"}]}]

