@@ -142,3 +142,19 @@ def test_shipped_experiments_are_valid(name):
 
     configs = list(run_configs(load_experiment(EXPERIMENTS / name)))
     assert configs and all(cfg.arms for _, _, cfg in configs)
+
+
+def test_a_report_lists_only_the_arms_its_config_runs(tmp_path):
+    """A run folder analysed before with more arms keeps their distances; the report reads only this
+    config's arms (and the untouched model's init variants, always analysed)."""
+    from delia.config import load_config
+    from delia.report.tables import collect
+    from delia.runfolder import RunFolder
+
+    cfg = load_config("configs/demo.yaml", [f"run_dir={tmp_path / 'run'}", "arms=[untouched, delia]"])
+    for name in ("token_distance.json", "divergent.json"):
+        path = RunFolder(cfg.run_dir).analysis(name)
+        path.parent.mkdir(parents=True, exist_ok=True)
+        path.write_text(json.dumps({"untouched (random init)": {}, "delia": {}, "kl_anchor": {}}))
+    data = collect(cfg)
+    assert list(data["token_distance"]) == list(data["divergent"]) == ["untouched (random init)", "delia"]

@@ -51,8 +51,13 @@ def collect(cfg: RunConfig) -> dict:
         stages["analyze"] = {"seconds": an["seconds"], **_placement(an["outputs"])}
     divergent = run.analysis("divergent.json")
     return {"arms": arms, "stages": stages, "config": config_dict(cfg),
-            "token_distance": json.loads(analysis.read_text()) if analysis.exists() else None,
-            "divergent": json.loads(divergent.read_text()) if divergent.exists() else None}
+            "token_distance": _these_arms(analysis, cfg), "divergent": _these_arms(divergent, cfg)}
+
+
+def _these_arms(path, cfg) -> dict | None:
+    """An analysis file's models, less the arms this config does not run (a run folder analysed before
+    with more arms keeps their entries; the untouched model's init variants are always there)."""
+    return {k: v for k, v in json.loads(path.read_text()).items() if k not in ARMS or k in cfg.arms} if path.exists() else None
 
 
 def _row(arm: str, r: dict) -> str:
