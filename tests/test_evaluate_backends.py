@@ -9,7 +9,7 @@ import torch
 
 from delia import DeliaError
 from delia.config import load_config
-from delia.model.loading import load_model
+from delia.model.loading import load_model, placement
 from delia.pipeline import stage_evaluate, stage_export, stage_mix, stage_task, stage_train
 from delia.serve import ChatServer
 from delia.model.adapter import load_adapter
@@ -79,3 +79,8 @@ def test_export_is_base_plus_adapter(trained, tiny_model_dir):
     # up to date on a second call: the same folder, not rewritten
     mtime = (folder / "config.json").stat().st_mtime_ns
     assert stage_export(cfg, "common") == folder and (folder / "config.json").stat().st_mtime_ns == mtime
+    # the key holds the dtype the export is stored in: `auto` is this export where it means float32 (a CPU)
+    # and another one where it means bfloat16 (a GPU), which it once reused
+    auto = load_config(None, trained + ["model.dtype=auto"])
+    assert stage_export(auto, "common") == folder
+    assert ((folder / "config.json").stat().st_mtime_ns == mtime) == (placement(auto.model.device, "auto")[1] == "float32")

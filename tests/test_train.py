@@ -174,6 +174,16 @@ def test_a_model_placed_on_the_cpu_trains_there_in_bfloat16_too(tiny_model_dir, 
     assert model.device.type == "cpu" and model.dtype == torch.bfloat16
 
 
+@pytest.mark.parametrize("on_cpu", [True, False])
+def test_the_trainer_is_told_where_it_trains(tmp_path, on_cpu):
+    """On the CPU: `use_cpu` and no pinned memory (it only helps copies to a GPU, and a GPU machine
+    training on its CPU pinned it for nothing); on a GPU: pinned, and the Trainer places the model."""
+    from delia.train.sft import _training_arguments
+
+    args = _training_arguments(TrainConfig(), tmp_path, 2, 1, 1, 0, 0, 0.0, False, on_cpu)
+    assert args.use_cpu == on_cpu and args.dataloader_pin_memory == (not on_cpu)
+
+
 def test_a_cut_answer_trains_its_text_but_not_the_end_of_turn(tiny):
     from delia.model.chat import IGNORE, tokenize_chat
 

@@ -441,12 +441,13 @@ def stage_export(cfg: RunConfig, arm: str) -> Path:
     """A trained arm as a plain Hugging Face model folder (adapter merged, new tokens in the vocabulary):
     what vLLM, TGI, SGLang or llama.cpp's converter load. Returns the folder."""
     from .model.adapter import load_adapter
+    from .model.loading import placement
     from .runfolder import atomic_dir
 
     check_arm("export", arm, trained_arms())
     adapter = adapter_of(cfg, arm)
     folder = paths(cfg).export(arm)
-    stage = Stage(folder, f"export:{arm}", {"model": model_key(cfg.model), "dtype": cfg.model.dtype},
+    stage = Stage(folder, f"export:{arm}", {"model": model_key(cfg.model), "dtype": placement(cfg.model.device, cfg.model.dtype)[1]},
                   {"adapter": adapter / "adapter_model.safetensors"})
     if not up_to_date(stage):
         model, tokenizer = load_adapter(*base_model(cfg), adapter)

@@ -254,7 +254,7 @@ def _training_arguments(cfg: TrainConfig, out_dir: Path, micro: int, accumulatio
         train_sampling_strategy=cfg.sampling if accumulation * processes > 1 else "random",
         activation_checkpointing=cfg.gradient_checkpointing,
         activation_checkpointing_kwargs={"use_reentrant": False} if cfg.gradient_checkpointing else None,
-        dataloader_pin_memory=torch.cuda.is_available(),  # pinned memory only helps copies to a GPU
+        dataloader_pin_memory=not on_cpu,  # pinned memory only helps copies to a GPU
         bf16=bf16,
         disable_tqdm=False,
         # on the CPU the Trainer must be told so (else it moves the model to a GPU, and refuses bf16);
