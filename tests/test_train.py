@@ -174,6 +174,16 @@ def test_a_model_placed_on_the_cpu_trains_there_in_bfloat16_too(tiny_model_dir, 
     assert model.device.type == "cpu" and model.dtype == torch.bfloat16
 
 
+def test_rows_whose_answer_falls_past_max_length_are_left_out_and_counted(tiny, tmp_path, capsys):
+    model, tokenizer = tiny
+    long = [{"role": "user", "content": "word " * 200}, MESSAGES[-1]]
+    rows = [{"messages": MESSAGES, "source": "task"}] * 4 + [{"messages": long, "source": "diverse"}] * 2
+    cfg = TrainConfig(batch_size=2, micro_batch_size=2, max_length=64, warmup_ratio=0.0)
+    stats = train_lora(model, tokenizer, rows, cfg, TaskConfig(), tmp_path, seed=0)
+    assert stats["rows"] == 4 and stats["rows_left_out"] == 2 and stats["steps"] == 2
+    assert "2 of 6 rows keep no answer token within train.max_length 64" in capsys.readouterr().out
+
+
 @pytest.mark.parametrize("on_cpu", [True, False])
 def test_the_trainer_is_told_where_it_trains(tmp_path, on_cpu):
     """On the CPU: `use_cpu` and no pinned memory (it only helps copies to a GPU, and a GPU machine

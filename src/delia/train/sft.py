@@ -321,6 +321,9 @@ def train_lora(
                                                                              resume_adapter)
     examples = _examples(tokenizer, rows, cfg.max_length, distill, task)
     rank, processes = world()
+    if (left_out := len(rows) - len(examples)) and rank == 0:
+        print(f"delia: train: {left_out} of {len(rows)} rows keep no answer token within train.max_length "
+              f"{cfg.max_length} (a longer prompt) and are left out", flush=True)
     batch, micro, accumulation = _plan_batches(cfg, len(examples), processes)
     embed_name = embedding_module_name(model)
     if not resume_adapter:
@@ -356,6 +359,7 @@ def train_lora(
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return {
         "rows": len(examples),
+        "rows_left_out": len(rows) - len(examples),
         "task_rows": sum(r.get("source", "task") == "task" for r in rows),
         "batch_size": batch,
         "micro_batch_size": micro,
