@@ -14,7 +14,7 @@ import yaml
 
 from . import DeliaError
 from .arms import ARMS
-from .data.queries import BUILT_IN, query_parts
+from .data.queries import BUILT_IN, MAGPIE, query_parts
 
 
 @dataclass(frozen=True)
@@ -439,7 +439,7 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
     known_rows = cfg.task.train_rows or (DEMO_TRAIN_ROWS if cfg.task.source == "demo" else 0)
     wanted = cfg.sample.max_queries or math.floor(cfg.mix.ratio * known_rows + 0.5)  # as data.mix.diverse_count
     parts = query_parts(cfg.sample.queries)
-    if len(parts) > 1 and ("magpie" in parts or "" in parts):
+    if len(parts) > 1 and (MAGPIE in parts or "" in parts):
         raise DeliaError(f"{path}: 'sample.queries': {cfg.sample.queries!r}: join named sets or files with commas; "
                          "magpie generates its own queries and joins none")
     have = sum(BUILT_IN[p] for p in parts) if all(p in BUILT_IN for p in parts) else None

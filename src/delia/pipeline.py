@@ -18,13 +18,11 @@ from . import DeliaError, baselines
 from .arms import ARMS, REFERENCE, missing_dependency, trained_arms, training_order
 from .config import RunConfig, config_dict, model_key, train_settings
 from .data.mix import diverse_count, mix_files, mix_with_diverse
-from .data.queries import BUILT_IN, load_queries, query_parts
+from .data.queries import BUILT_IN, MAGPIE, load_queries, query_parts
 from .data.sample import sample_diverse
 from .data.sources import is_saved_dataset, source_files
 from .data.task import build_task
 from .runfolder import RunFolder, Stage, atomic_path, read_jsonl, read_manifest, world, write_json, write_jsonl
-
-MAGPIE = "magpie"
 
 
 def paths(cfg: RunConfig) -> RunFolder:

@@ -12,9 +12,11 @@ from pathlib import Path
 from .. import DeliaError
 from ..model.loading import cache_dir
 from ..runfolder import file_sha256, write_json
-from .formats import load_conversations
+from .formats import load_conversations, to_messages
 
 ALPACA_DEMO = "alpaca_en_demo"
+MAGPIE = "magpie"
+"""Not a set: the model writes its own queries (`delia.data.magpie`)."""
 LLAMAFACTORY_SDIST = "llamafactory==0.9.5"
 BUILT_IN = {ALPACA_DEMO: 999, "dpo_en_demo": 295, "kto_en_demo": 297}
 """The sdist's English query sets and their queries: Alpaca rows as shipped; the DPO and KTO sets reduced to
@@ -26,14 +28,13 @@ def query_parts(spec: str) -> list[str]:
     return [p.strip() for p in str(spec).split(",")]
 
 
-def _first_turns(rows: list[dict]) -> list[dict]:
+def _first_turns(rows: list[dict], where: str = "rows") -> list[dict]:
     """DPO / KTO rows as one-turn chats: the first user turn and, where the data marks one as good, its
     answer (the next assistant turn, or a one-turn DPO row's chosen reply; none for a KTO row labelled
     bad). A query seen before is skipped."""
     out, seen = [], set()
-    for row in rows:
-        turns = ([{"role": {"human": "user", "gpt": "assistant"}.get(t["from"], t["from"]), "content": t["value"]}
-                  for t in row["conversations"]] if "conversations" in row else row["messages"])
+    for n, row in enumerate(rows, 1):
+        turns = to_messages(row, f"{where}: row {n}", need_answer=False)
         i = next(j for j, t in enumerate(turns) if t["role"] == "user")
         query = turns[i]["content"].strip()
         if query in seen:
@@ -59,12 +60,11 @@ def fetch_llamafactory(name: str) -> tuple[Path, dict]:
         return path, json.loads(meta_path.read_text())
     downloads = cache_dir() / "downloads"
     downloads.mkdir(parents=True, exist_ok=True)
-    cmd = [sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
-           LLAMAFACTORY_SDIST, "-d", str(downloads)]
     sdists = sorted(downloads.glob("llamafactory-*.tar.gz"))
     if not sdists:
         print(f"delia: fetching {member_name} from the {LLAMAFACTORY_SDIST} sdist on PyPI", flush=True)
-        subprocess.run(cmd, capture_output=True, text=True)
+        subprocess.run([sys.executable, "-m", "pip", "download", "--quiet", "--no-deps", "--no-binary", ":all:",
+                        LLAMAFACTORY_SDIST, "-d", str(downloads)], capture_output=True, text=True)
         sdists = sorted(downloads.glob("llamafactory-*.tar.gz"))
     if not sdists:
         raise DeliaError(f"cannot download the {LLAMAFACTORY_SDIST} sdist with pip (no PyPI access?); "
@@ -76,7 +76,7 @@ def fetch_llamafactory(name: str) -> tuple[Path, dict]:
             raise DeliaError(f"{sdist}: holds no {member_name}")
         data = tar.extractfile(member).read()
     if name != ALPACA_DEMO:
-        data = "".join(json.dumps(r) + "\n" for r in _first_turns(json.loads(data))).encode()
+        data = "".join(json.dumps(r) + "\n" for r in _first_turns(json.loads(data), member.name)).encode()
     folder.mkdir(parents=True, exist_ok=True)
     tmp = path.with_suffix(".tmp")
     tmp.write_bytes(data)

@@ -359,7 +359,7 @@ def train_lora(
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)
     return {
         "rows": len(examples),
-        "rows_left_out": len(rows) - len(examples),
+        "rows_left_out": left_out,
         "task_rows": sum(r.get("source", "task") == "task" for r in rows),
         "batch_size": batch,
         "micro_batch_size": micro,
