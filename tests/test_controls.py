@@ -111,7 +111,7 @@ def test_general_queries_are_disjoint_from_the_sampled_ones_and_every_arm_gets_c
     cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=8",
                              "task.eval_rows=2", "arms=[untouched, icl, common, delia]", "train.batch_size=4",
                              "evaluate.max_new_tokens=4", f"sample.queries={tmp_path / 'q.jsonl'}",
-                             "sample.max_new_tokens=4", "mix.ratio=2", "controls.rows=2",
+                             "sample.max_new_tokens=1", "mix.ratio=2", "controls.rows=2",
                              "controls.general_queries=6", "controls.general_max_new_tokens=4"])
     report = run_all(cfg).read_text()
     sampled = {r["messages"][0]["content"] for r in read_jsonl(tmp_path / "sample" / "diverse.jsonl")}
@@ -129,10 +129,12 @@ def test_general_queries_are_disjoint_from_the_sampled_ones_and_every_arm_gets_c
     for heading in ("Does the format follow the token", "What tuning costs on general queries", "On the front"):
         assert heading in report, heading
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"
-    # 4 new tokens: the tiny model's answers are cut; the mix carries the flag that masks their end-of-turn
+    # one new token: every answer kept is cut (one that ends at once is empty, and another query is asked;
+    # at 4 tokens a draw could end by itself, and the draw's seed follows the temp folder's name); the mix
+    # carries the flag that masks their end-of-turn
     mixed = [r for r in read_jsonl(tmp_path / "mix" / "delia.jsonl") if r["source"] == "diverse"]
     assert mixed and all(r["open_end"] and not r["ended"] for r in mixed)
-    assert f"did not end by themselves (cut at sample.max_new_tokens 4): {len(mixed)} of {len(mixed)} rows" in report
+    assert f"did not end by themselves (cut at sample.max_new_tokens 1): {len(mixed)} of {len(mixed)} rows" in report
 
 
 @pytest.mark.parametrize("bad", ["controls.rows=-1", "controls.other_token=<sep>", "controls.negated=[no token here]",
