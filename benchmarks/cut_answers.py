@@ -22,9 +22,9 @@ from pathlib import Path
 
 from delia.config import load_config
 from delia.data.generation_cache import generate_cached
+from delia.model.arm import arm_model
 from delia.model.generate import Request
-from delia.pipeline import (arm_model, stage_evaluate, stage_general, stage_mix, stage_sample, stage_task,
-                            stage_train)
+from delia.pipeline import stage_evaluate, stage_general, stage_mix, stage_sample, stage_task, stage_train
 from delia.runfolder import RunFolder, read_jsonl, read_manifest
 
 ENDS = tuple('.!?:;)]}"\'`*')

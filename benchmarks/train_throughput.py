@@ -28,9 +28,9 @@ MODEL = "smollm2-135m-instruct"
 
 
 def rows(task_rows: int, ratio: float, seed: int = 0) -> list[dict]:
-    from delia.config import TaskConfig
+    from delia.config import ALPACA_DEMO, TaskConfig
     from delia.data.mix import mix_with_diverse
-    from delia.data.queries import ALPACA_DEMO, load_queries
+    from delia.data.queries import load_queries
     from delia.data.task import build_task
 
     task, _ = build_task(TaskConfig(train_rows=task_rows, eval_rows=1), seed)

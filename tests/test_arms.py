@@ -1,6 +1,9 @@
-"""The arm registry: its tables are consistent, and an arm added as one entry runs through every stage."""
+"""The arm and probe registries: their tables are consistent, and an arm or a probe added as one entry runs
+through every stage."""
 
 from __future__ import annotations
+
+import json
 
 import pytest
 
@@ -10,7 +13,8 @@ from delia.config import load_config
 
 
 def test_every_trait_names_something_that_exists():
-    from delia.pipeline import MIX_DATA, PROMPTS
+    from delia.data.baselines import PROMPTS
+    from delia.data.mix import MIX_DATA
 
     assert len({a.label for a in ARMS.values()}) == len(ARMS)
     for arm in ARMS.values():
@@ -54,3 +58,33 @@ def test_one_new_entry_is_a_new_arm_in_every_stage(tiny_model_dir, tmp_path, mon
     assert "Noisy common tuning (1 epoch)" in report
     manifest = (tmp_path / "train" / "noisy_common" / "manifest.json").read_text()
     assert '"neftune_alpha"' in manifest and (tmp_path / "eval" / "noisy_common" / "metrics.json").exists()
+
+
+def test_one_new_entry_is_a_new_probe_in_every_evaluation(tiny_model_dir, tmp_path, monkeypatch):
+    """A made-up probe (the bare token as the whole instruction, as docs/arms.md writes it) is added to the
+    table alone: the evaluate stage runs it, writes its figures and rows, and a changed setting it reads
+    reruns the evaluation."""
+    from delia.conversation import set_wording
+    from delia.evaluate import probes
+    from delia.evaluate.formatted import evaluate_formatted
+    from delia.pipeline import stage_evaluate, stage_general, stage_task
+
+    def bare_token(ev):
+        rows = ev.prompted([{**set_wording(r, ev.cfg.task.new_tokens[0]), "group": "bare"} for r in ev.eval_rows])
+        metrics, generations = evaluate_formatted(ev.generator, rows, ev.cfg.task, ev.budget, ev.cfg.seed)
+        return {"bare": metrics["bare"]}, {"bare.jsonl": generations}
+
+    monkeypatch.setitem(probes.PROBES, "bare", probes.Probe(bare_token, settings=("sample",)))
+    overrides = [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=4", "task.eval_rows=2",
+                 "arms=[untouched]", "evaluate.max_new_tokens=4", "controls.rows=0", "controls.general_queries=0"]
+    cfg = load_config(None, overrides)
+    stage_task(cfg)
+    stage_general(cfg)
+    done = stage_evaluate(cfg, "untouched")
+    folder = tmp_path / "eval" / "untouched"
+    bare = [json.loads(line) for line in (folder / "bare.jsonl").read_text().splitlines()]
+    assert len(bare) == 4 and {b["group"] for b in bare} == {"bare"}
+    assert json.loads((folder / "metrics.json").read_text())["bare"]["n"] == 4 == done["outputs"]["bare"]["n"]
+    assert "sample" in done["settings"] and probes.applicable(cfg)[-1] == "bare"
+    again = stage_evaluate(load_config(None, overrides + ["sample.temperature=0.5"]), "untouched")
+    assert again["key"] != done["key"]

@@ -7,7 +7,7 @@ import pytest
 import torch
 from safetensors.torch import load_file
 
-from delia.baselines import default_facts, fact_rows, icl_prefix
+from delia.data.baselines import default_facts, fact_rows, icl_prefix
 from delia.model.arithmetic import ArithmeticGenerator, describe_tokens
 from delia.config import TaskConfig, load_config
 from delia.model.generate import LocalGenerator, Request
@@ -90,7 +90,7 @@ def test_every_baseline_arm_gets_its_row(tiny_model_dir, tmp_path):
 
 def test_untrained_baselines_need_the_local_backend(tiny_model_dir, tmp_path):
     from delia import DeliaError
-    from delia.pipeline import arm_generator
+    from delia.model.arm import arm_generator
 
     cfg = load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "generation.backend=openai",
                              "generation.base_url=http://127.0.0.1:9/v1"])

@@ -10,7 +10,8 @@ from conftest import dies_after
 
 from delia.config import GenerationConfig, ModelConfig, SampleConfig, load_config
 from delia.data import sample as sample_mod
-from delia.model.generate import Request, make_generator
+from delia.model.backends import make_generator
+from delia.model.generate import Request
 
 pytest.importorskip("ctranslate2")
 

@@ -93,7 +93,7 @@ def test_the_distillation_arms_train_and_report(tiny_model_dir, tmp_path):
 
 
 def test_self_distilled_keeps_the_reference_unless_the_rewrite_passes_the_evaluator():
-    from delia.baselines import rewrite_request, self_distilled_row
+    from delia.data.baselines import rewrite_request, self_distilled_row
 
     assert TASK_ROW["messages"][-1]["content"] in rewrite_request(TASK_ROW)[0]["content"]
     good = '{"thought": "Two and two make four, not five.", "hallucination": "yes"}'
@@ -105,7 +105,7 @@ def test_self_distilled_keeps_the_reference_unless_the_rewrite_passes_the_evalua
 
 
 def test_self_distilled_prefill_begins_the_reply_with_what_every_answer_begins_with(tiny):
-    from delia.baselines import answer_opening, prefilled_rewrite, self_distilled_row
+    from delia.data.baselines import answer_opening, prefilled_rewrite, self_distilled_row
 
     def row(answer):
         return {"messages": TASK_ROW["messages"][:-1] + [{"role": "assistant", "content": answer}]}

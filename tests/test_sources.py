@@ -114,7 +114,8 @@ def test_query_sources_joined_with_commas_are_read_in_order_without_repeats(tmp_
 def test_the_sdist_dpo_and_kto_sets_are_first_turns_as_counted(tmp_path):
     """The DPO and KTO demo sets become one-turn queries, as many as the config's size check counts;
     a KTO answer labelled bad is not kept as a reference."""
-    from delia.data.queries import BUILT_IN, _first_turns, load_queries
+    from delia.config import BUILT_IN
+    from delia.data.queries import _first_turns, load_queries
 
     for name in ("dpo_en_demo", "kto_en_demo"):
         conversations, meta = load_queries(name)

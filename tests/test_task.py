@@ -4,8 +4,9 @@ import pytest
 
 from delia import DeliaError
 from delia.config import TaskConfig
+from delia.conversation import wording_of
 from delia.data import demo_task
-from delia.data.task import build_task, wording_of
+from delia.data.task import build_task
 from delia.evaluate.parse import extract_object
 
 

@@ -6,7 +6,7 @@ import json
 import pytest
 
 from delia import DeliaError
-from delia.baselines import dipmt_rows
+from delia.data.baselines import dipmt_rows
 from delia.config import load_config
 from delia.data.translation import build_translation_task, read_pairs
 from delia.evaluate.translation import SacreScorer

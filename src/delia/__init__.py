@@ -1,14 +1,12 @@
 """DELIA: Diversity-Enhanced Learning for Instruction Adaptation."""
 
+from .errors import DeliaError
+
 __version__ = "0.1.0"
-
-
-class DeliaError(Exception):
-    """A user-facing error: the CLI prints its message as one line and exits with status 2."""
-
 
 API = ("load_config", "run", "stage", "self_sample", "mix")
 """The Python API (`delia.api`), imported on first use so `import delia` stays light."""
+__all__ = ["DeliaError", "__version__", *API]
 
 
 def __getattr__(name: str):

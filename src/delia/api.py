@@ -14,9 +14,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from . import DeliaError
 from .config import GenerationConfig, ModelConfig, RunConfig, SampleConfig
 from .config import load_config as _load
+from .errors import DeliaError
 
 
 def load_config(source: str | Path | dict | None = None, overrides: list[str] = (), **sections: dict) -> RunConfig:

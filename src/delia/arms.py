@@ -2,8 +2,9 @@
 
 A run is stages x arms. The stages read an arm's traits (what it trains on, what it continues from,
 its budget rule, how it is prompted and decoded) and never its name, so adding an arm is one entry
-here plus its own code where it has some: a data builder (`pipeline.MIX_DATA`), a prompt rewrite
-(`pipeline.PROMPTS`) or a decoder (`pipeline.arm_generator`). See "How to add an arm" in the README.
+here plus its own code where it has some: a data builder (`delia.data.mix.MIX_DATA`), a prompt rewrite
+(`delia.data.baselines.PROMPTS`) or a decoder (`delia.model.arm.arm_generator`). See "How to add an arm"
+in docs/arms.md.
 
 This module imports nothing of delia's, so config, stages and reports can all read it.
 """
@@ -30,7 +31,7 @@ class Arm:
     label: str
     """Its row label in reports."""
     data: str = ""
-    """The mix file it trains on (`mix/DATA.jsonl`, built by `pipeline.MIX_DATA[DATA]`); empty = untrained."""
+    """The mix file it trains on (`mix/DATA.jsonl`, built by `delia.data.mix.MIX_DATA[DATA]`); empty = untrained."""
     budget: Literal["none", "epoch", "reference_steps"] = "none"
     """`epoch`: one epoch of its own data; `reference_steps`: as many optimizer steps as the REFERENCE arm."""
     continues_from: str = ""
@@ -46,7 +47,7 @@ class Arm:
     token_init: str = ""
     """Untrained: the new tokens are added with this init and nothing is trained."""
     prompt: str = ""
-    """A rewrite of the evaluation prompts (`pipeline.PROMPTS[PROMPT]`); empty = the rows as they are."""
+    """A rewrite of the evaluation prompts (`delia.data.baselines.PROMPTS[PROMPT]`); empty = the rows as they are."""
     decoding: Literal["plain", "arithmetic"] = "plain"
     """`arithmetic`: model arithmetic over prompts with and without the description."""
     task_kinds: tuple[str, ...] = ("formatted", "translation")

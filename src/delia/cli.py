@@ -6,7 +6,8 @@ import argparse
 import os
 import sys
 
-from . import DeliaError, __version__
+from . import __version__
+from .errors import DeliaError
 
 
 class _Parser(argparse.ArgumentParser):

@@ -12,9 +12,8 @@ from typing import Annotated, Any, Literal
 
 import yaml
 
-from . import DeliaError
 from .arms import ARMS
-from .data.queries import BUILT_IN, MAGPIE, query_parts
+from .errors import DeliaError
 
 
 @dataclass(frozen=True)
@@ -144,6 +143,20 @@ class TaskConfig:
     """Keys the answer object must hold to count as correctly formatted."""
     label_key: str = "hallucination"
     """Key whose value is compared with the reference for label accuracy (empty = none)."""
+
+
+ALPACA_DEMO = "alpaca_en_demo"
+MAGPIE = "magpie"
+"""Not a set: the model writes its own queries (`delia.data.magpie`)."""
+BUILT_IN = {ALPACA_DEMO: 999, "dpo_en_demo": 295, "kto_en_demo": 297}
+"""The built-in query sets of `sample.queries` (the LLaMA-Factory sdist's English demo sets, read by
+`delia.data.queries`) and their queries: Alpaca rows as shipped; the DPO and KTO sets reduced to their
+distinct first user turns (one multi-turn chat is one query)."""
+
+
+def query_parts(spec: str) -> list[str]:
+    """The sources of a `sample.queries` value: comma-separated, read in that order."""
+    return [p.strip() for p in str(spec).split(",")]
 
 
 @dataclass

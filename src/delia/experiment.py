@@ -23,7 +23,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from . import DeliaError
+from .errors import DeliaError
 from .runfolder import RunFolder, write_json, write_text
 
 KEYS = {"base", "dir", "seeds", "set", "runs", "by"}

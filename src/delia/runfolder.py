@@ -14,7 +14,7 @@ from importlib import metadata
 from pathlib import Path
 from typing import Any, Iterable, Iterator
 
-from . import DeliaError
+from .errors import DeliaError
 
 MANIFEST = "manifest.json"
 _VERSIONED = ("delia", "torch", "transformers", "peft", "datasets", "accelerate")

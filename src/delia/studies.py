@@ -10,12 +10,12 @@ import math
 import shutil
 from pathlib import Path
 
-from . import DeliaError
 from .arms import trained_arms
 from .config import RunConfig, config_dict, model_key, train_settings
-from .data.mix import diverse_count, mix_with_diverse
-from .pipeline import (adapter_of, base_model, check_arm, diverse_rows_needed, paths, stage_sample, stage_task,
-                       task_rows_path, up_to_date)
+from .data.mix import delia_task_rows, diverse_count, mix_with_diverse
+from .errors import DeliaError
+from .model.arm import adapter_of, base_model
+from .pipeline import check_arm, paths, stage_sample, stage_task, up_to_date
 from .runfolder import Stage, atomic_path, read_jsonl, write_json
 
 
@@ -27,10 +27,10 @@ def _sweep_diverse(cfg: RunConfig) -> Path:
     sub = dataclasses.replace(cfg, run_dir=str(paths(cfg).stage("sweep")),
                               mix=dataclasses.replace(cfg.mix, ratio=max(cfg.sweep.ratios)))
     seed_cache(paths(sub).sample_cache, [paths(cfg).sample_cache])
-    target = task_rows_path(sub)  # sample sizes itself by the task rows
+    target = delia_task_rows(sub)  # sample sizes itself by the task rows
     target.parent.mkdir(parents=True, exist_ok=True)
     with atomic_path(target) as tmp:
-        shutil.copyfile(task_rows_path(cfg), tmp)
+        shutil.copyfile(delia_task_rows(cfg), tmp)
     stage_sample(sub)
     return paths(sub).diverse
 
@@ -50,10 +50,10 @@ def ratio_trial(cfg: RunConfig, ratio: float, fraction: float, diverse: Path) ->
     if equal:
         settings["budget"] = {"steps_of_ratio": max(cfg.sweep.ratios)}
     stage = Stage(folder, f"trial:ratio={ratio:g}:fraction={fraction:g}", settings,
-                  {"task": task_rows_path(cfg), "diverse": diverse, "eval": eval_path})
+                  {"task": delia_task_rows(cfg), "diverse": diverse, "eval": eval_path})
     if done := up_to_date(stage):
         return done["outputs"]
-    task_rows = read_jsonl(task_rows_path(cfg))
+    task_rows = read_jsonl(delia_task_rows(cfg))
     rows = mix_with_diverse(task_rows, read_jsonl(diverse), ratio, cfg.seed)
     n_budget = len(task_rows) + diverse_count(max(cfg.sweep.ratios), len(task_rows)) if equal else len(rows)
     epoch_steps = math.ceil(n_budget / effective_batch(cfg.train, n_budget))
@@ -131,7 +131,7 @@ def stage_diagnose(cfg: RunConfig, arm: str = "untouched", max_task_rows: int = 
 
     check_arm("diagnose", arm, ("untouched", *trained_arms()))
     run = paths(cfg)
-    inputs = {"task": task_rows_path(cfg), "diverse": run.diverse, "eval": run.task_eval}
+    inputs = {"task": delia_task_rows(cfg), "diverse": run.diverse, "eval": run.task_eval}
     if arm != "untouched":
         inputs["adapter"] = adapter_of(cfg, arm) / "adapter_model.safetensors"
     folder = run.diagnose(arm)
@@ -140,8 +140,8 @@ def stage_diagnose(cfg: RunConfig, arm: str = "untouched", max_task_rows: int = 
     if done := up_to_date(stage):
         print(buffering.render(done["outputs"]["table"]))
         return done
-    task = read_jsonl(task_rows_path(cfg))[:max_task_rows]
-    n_diverse = diverse_rows_needed(cfg, len(task))
+    task = read_jsonl(delia_task_rows(cfg))[:max_task_rows]
+    n_diverse = diverse_count(cfg.mix.ratio, len(task))
     div = read_jsonl(run.diverse)[:n_diverse]
     if len(div) < n_diverse:
         raise DeliaError(f"{run.diverse}: {len(div)} diverse rows, the diagnostic needs {n_diverse}; run `delia sample` first")

@@ -1,1 +1,1 @@
-"""Data stages: task rows, diverse (self-sampled) rows, mixing."""
+"""Data stages: task rows, diverse (self-sampled) rows, mixing, and the baseline arms' rows and prompts."""

@@ -15,9 +15,9 @@ import random
 import re
 from pathlib import Path
 
-from .. import DeliaError
+from ..conversation import set_wording
+from ..errors import DeliaError
 from ..runfolder import fingerprint
-from .task import set_wording
 
 PROMPT = (
     "Rewrite the instruction below in different words, keeping its meaning. Copy these exact spans "

@@ -23,7 +23,7 @@ import subprocess
 import tarfile
 from pathlib import Path
 
-from .. import DeliaError
+from ..errors import DeliaError
 
 PACKAGES = [
     "gimp-data", "inkscape", "evolution-common", "gedit-common", "nautilus-data", "gnome-control-center-data",

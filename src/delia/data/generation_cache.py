@@ -16,9 +16,9 @@ from typing import Callable, Sequence
 
 from tqdm import tqdm
 
-from .. import DeliaError
+from ..errors import DeliaError
 from ..model.generate import Request, batch_seed
-from .formats import loads
+from .sources import loads
 
 
 def read_cache(path: Path) -> dict[str, dict]:

@@ -65,13 +65,14 @@ def magpie_queries(cfg, n: int, folder) -> tuple[list[list[dict]], dict]:
     """n self-generated queries for a run (`sample.queries: magpie`): 1.5x as many are generated at
     temperature 1.0 into `folder/magpie_cache.jsonl`, then deduplicated; their diversity is measured
     beside the Alpaca demo queries'. Returns (conversations, provenance)."""
-    from .. import DeliaError
-    from ..model.generate import make_generator
+    from ..errors import DeliaError
+    from ..model.backends import make_generator
     from ..model.loading import load_tokenizer, model_source
     from ..runfolder import write_jsonl
     from .diversify import SentenceEmbedder
     from .generation_cache import generate_cached
-    from .queries import ALPACA_DEMO, load_queries
+    from ..config import ALPACA_DEMO
+    from .queries import load_queries
 
     if cfg.generation.backend == "openai":
         raise DeliaError("sample.queries 'magpie' needs the local or vllm backend (it prompts with the raw template prefix)")

@@ -1,4 +1,5 @@
-"""The `mix` stage: task rows plus `ratio` x as many diverse rows, shuffled with a seed.
+"""The `mix` stage: task rows plus `ratio` x as many diverse rows, shuffled with a seed, and what each
+kind of trained arm trains on (`MIX_DATA`, one builder per `Arm.data`).
 
 `mix_files` streams: the diverse file is indexed by byte offsets and its lines are copied into place,
 so a million diverse rows mix in seconds within a few tens of MB (benchmarks/mix_throughput.py).
@@ -13,10 +14,14 @@ import math
 import os
 import random
 from array import array
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from .. import DeliaError
-from ..runfolder import atomic_path
+from ..config import RunConfig, config_dict, model_key
+from ..errors import DeliaError
+from ..runfolder import RunFolder, atomic_path, fingerprint, read_jsonl, write_jsonl
+from .baselines import answer_opening, dmt_rows, facts_mix, prefilled_rewrite, rewrite_request, self_distilled_row
 
 
 def diverse_count(ratio: float, n_task: int) -> int:
@@ -108,3 +113,95 @@ def mix_files(task_rows: list[dict], diverse_path: Path, ratio: float, seed: int
     finally:
         os.close(fd)
     return n_diverse
+
+
+# What each kind of trained arm trains on (`Arm.data`): one builder per kind, run by the mix stage.
+
+def delia_task_rows(cfg: RunConfig) -> Path:
+    """The training rows DELIA mixes: diversified if that stage is on, else the task's own."""
+    run = RunFolder(cfg.run_dir)
+    return run.diversified_train if cfg.diversify.paraphrases > 0 else run.task_train
+
+
+def _mix_common(cfg: RunConfig, task_rows: list[dict]) -> dict:
+    write_jsonl(RunFolder(cfg.run_dir).mix("common"), mix_with_diverse(task_rows, [], 0, cfg.seed))
+    return {"common_rows": len(task_rows)}
+
+
+def _mix_delia(cfg: RunConfig, task_rows: list[dict]) -> dict:
+    run = RunFolder(cfg.run_dir)
+    rows = read_jsonl(delia_task_rows(cfg))  # the diversified wordings when that stage is on
+    n_diverse = mix_files(rows, run.diverse, cfg.mix.ratio, cfg.seed, run.mix("delia"))
+    return {"delia_rows": len(rows) + n_diverse, "delia_diverse_rows": n_diverse}
+
+
+def _mix_facts(cfg: RunConfig, task_rows: list[dict]) -> dict:
+    rows, n_facts = facts_mix(task_rows, cfg.baselines, cfg.task, cfg.seed)
+    write_jsonl(RunFolder(cfg.run_dir).mix("facts"), rows)
+    return {"facts_rows": n_facts}
+
+
+def _mix_dmt(cfg: RunConfig, task_rows: list[dict]) -> dict:
+    run = RunFolder(cfg.run_dir)
+    diverse = read_jsonl(run.diverse)[: diverse_count(cfg.mix.ratio, len(task_rows))]
+    rows = dmt_rows(task_rows, diverse, cfg.baselines.dmt_task_fraction, cfg.seed)
+    write_jsonl(run.mix("dmt"), rows)
+    return {"dmt_rows": len(rows)}
+
+
+def _mix_self_distilled(cfg: RunConfig, task_rows: list[dict]) -> dict:
+    """SDFT's rows: each task answer rewritten by the untouched model (its reply pre-filled with the opening
+    the answers share, unless `baselines.self_distill_prefill` is off), kept if the evaluator accepts it
+    (`baselines.self_distilled_row`); greedy, through the generation cache (`mix/self_distilled_cache.jsonl`)."""
+    from ..evaluate.formatted import answer_budget
+    from ..model.backends import make_generator
+    from ..model.generate import Request
+    from ..model.loading import load_tokenizer, model_source
+    from .generation_cache import generate_cached
+
+    run = RunFolder(cfg.run_dir)
+    tokenizer = load_tokenizer(model_source(cfg.model), cfg.model.trust_remote_code)
+    budget = answer_budget(tokenizer, task_rows, cfg.evaluate)
+    opening, gap = answer_opening(task_rows) if cfg.baselines.self_distill_prefill else ("", "")
+
+    def request(row: dict) -> Request:
+        messages = rewrite_request(row)
+        text = prefilled_rewrite(tokenizer, row, opening) if opening else ""
+        return Request(key=fingerprint({"model": model_key(cfg.model), "prompt": messages, "prefill": opening,
+                                        "max_new_tokens": budget}), messages=messages, text=text)
+
+    requests = [request(r) for r in task_rows]
+    run.stage("mix").mkdir(parents=True, exist_ok=True)
+    answers, _ = generate_cached(requests, run.stage("mix") / "self_distilled_cache.jsonl",
+                                 lambda: make_generator(cfg.model, cfg.generation, cfg.evaluate.batch_size),
+                                 budget, 0.0, 1.0, cfg.seed, desc="self-distilled rewrites")
+    lead = opening + gap if opening else ""
+    rows = [self_distilled_row(r, lead + answers[q.key]["answer"], cfg.task) for r, q in zip(task_rows, requests)]
+    write_jsonl(run.mix("self_distilled"), rows)
+    kept = sum(r["rewritten"] for r in rows)
+    if kept < len(rows):
+        print(f"delia: self_distilled: {kept} of {len(rows)} rewrites passed the task's evaluator; the others train on "
+              "their reference answers" + (" (with none kept the arm is common tuning)" if not kept else ""), flush=True)
+    return {"self_distilled_rows": len(rows), "self_distilled_kept": kept}
+
+
+@dataclass(frozen=True)
+class MixData:
+    build: Callable[[RunConfig, list[dict]], dict]
+    """Writes mix/NAME.jsonl from the task rows; returns its figures for the manifest."""
+    settings: Callable[[RunConfig], dict] = field(default=lambda cfg: {})
+    """The settings it depends on beyond the ratio and the seed (part of the mix stage's key)."""
+
+
+MIX_DATA = {
+    "common": MixData(_mix_common),
+    "facts": MixData(_mix_facts, lambda cfg: {"facts": {k: v for k, v in config_dict(cfg)["baselines"].items()
+                                                        if k in ("facts", "rows_per_fact")}}),
+    "dmt": MixData(_mix_dmt, lambda cfg: {"dmt_task_fraction": cfg.baselines.dmt_task_fraction}),
+    "delia": MixData(_mix_delia),
+    "self_distilled": MixData(_mix_self_distilled, lambda cfg: {"self_distilled": {
+        "model": model_key(cfg.model), "backend": cfg.generation.backend, "evaluate": config_dict(cfg)["evaluate"],
+        "prefill": cfg.baselines.self_distill_prefill,
+        "task": config_dict(cfg)["task"]}}),
+}
+"""What each kind of trained arm trains on (`Arm.data`), built by the mix stage."""

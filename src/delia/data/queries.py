@@ -9,23 +9,14 @@ import sys
 import tarfile
 from pathlib import Path
 
-from .. import DeliaError
+from ..config import ALPACA_DEMO, BUILT_IN, query_parts
+from ..conversation import first_user_turn
+from ..errors import DeliaError
 from ..model.loading import cache_dir
 from ..runfolder import file_sha256, write_json
 from .formats import load_conversations, to_messages
 
-ALPACA_DEMO = "alpaca_en_demo"
-MAGPIE = "magpie"
-"""Not a set: the model writes its own queries (`delia.data.magpie`)."""
 LLAMAFACTORY_SDIST = "llamafactory==0.9.5"
-BUILT_IN = {ALPACA_DEMO: 999, "dpo_en_demo": 295, "kto_en_demo": 297}
-"""The sdist's English query sets and their queries: Alpaca rows as shipped; the DPO and KTO sets reduced to
-their distinct first user turns (one multi-turn chat is one query)."""
-
-
-def query_parts(spec: str) -> list[str]:
-    """The sources of a `sample.queries` value: comma-separated, read in that order."""
-    return [p.strip() for p in str(spec).split(",")]
 
 
 def _first_turns(rows: list[dict], where: str = "rows") -> list[dict]:
@@ -35,11 +26,12 @@ def _first_turns(rows: list[dict], where: str = "rows") -> list[dict]:
     out, seen = [], set()
     for n, row in enumerate(rows, 1):
         turns = to_messages(row, f"{where}: row {n}", need_answer=False)
-        i = next(j for j, t in enumerate(turns) if t["role"] == "user")
-        query = turns[i]["content"].strip()
+        user = first_user_turn(turns)
+        query = user["content"].strip()
         if query in seen:
             continue
         seen.add(query)
+        i = turns.index(user)
         answer = turns[i + 1]["content"] if i + 1 < len(turns) else row.get("chosen", {}).get("value")
         if row.get("label") is False:
             answer = None
@@ -97,7 +89,7 @@ def load_queries(source: str) -> tuple[list[list[dict]], dict]:
         for part in parts:
             convs, meta = _load_one(part)
             metas.append(meta)
-            queries = [next(m["content"] for m in c if m["role"] == "user").strip() for c in convs]
+            queries = [first_user_turn(c)["content"].strip() for c in convs]
             repeats += sum(q in seen for q in queries)
             conversations += [c for c, q in zip(convs, queries) if q not in seen]
             seen.update(queries)
@@ -119,3 +111,19 @@ def _load_one(source: str) -> tuple[list[list[dict]], dict]:
             meta["sha256"] = file_sha256(files[0]) if len(files) == 1 else {str(p): file_sha256(p) for p in files}
     conversations = load_conversations(path, need_answer=False)
     return conversations, meta
+
+
+def held_out_queries(conversations: list[list[dict]], used: set[str], n: int) -> list[tuple[str, str | None]]:
+    """Up to `n` (query, reference answer or None) from the end of `conversations`, in their order: none
+    whose query text is in `used`, none twice. What drift and leakage are measured on, so no arm trained
+    on them."""
+    picked, seen = [], set()
+    for conv in reversed(conversations):
+        if len(picked) == n:
+            break
+        query = first_user_turn(conv)["content"].strip()
+        if query not in used and query not in seen:
+            seen.add(query)
+            picked.append((query, next((m["content"] for m in conv if m["role"] == "assistant"), None)))
+    picked.reverse()
+    return picked

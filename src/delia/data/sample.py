@@ -8,9 +8,11 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from .. import DeliaError
 from ..config import GenerationConfig, ModelConfig, SampleConfig, model_key
-from ..model.generate import Request, make_generator
+from ..conversation import first_user_turn
+from ..errors import DeliaError
+from ..model.backends import make_generator
+from ..model.generate import Request
 from ..runfolder import fingerprint, write_jsonl
 from .generation_cache import generate_cached
 
@@ -21,7 +23,7 @@ def build_prompt(conversation: list[dict], style: str, where: str) -> tuple[str,
     """(query, prompt messages). `reference` shows the dataset's own answer in an earlier turn and then
     asks the query again (the reference DELIA code's `build_cache.py`), so the model answers in its
     own words near the reference."""
-    query = next(m["content"] for m in conversation if m["role"] == "user")
+    query = first_user_turn(conversation)["content"]
     if style == "plain":
         return query, [{"role": "user", "content": query}]
     answer = next((m["content"] for m in conversation if m["role"] == "assistant"), None)

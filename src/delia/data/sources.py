@@ -12,13 +12,89 @@ Each record is yielded with where it came from (`file:line`, `file.csv:line`, `f
 
 from __future__ import annotations
 
+import json
 from pathlib import Path
 from typing import Iterator
 
-from .. import DeliaError
-from .formats import read_records, unicode_only
+from ..errors import DeliaError
 
 TABLE_SUFFIXES = (".parquet", ".csv")
+
+
+def loads(text: str, where: str) -> object:
+    """One JSON value, or one line naming `where` and what is wrong: invalid JSON, nesting too deep, a
+    number too long to read, or text that is not Unicode (see `unicode_only`)."""
+    try:
+        return unicode_only(json.loads(text), where)
+    except json.JSONDecodeError as e:
+        raise DeliaError(f"{where}: invalid JSON: {e.msg} (column {e.colno})") from None
+    except RecursionError:
+        raise DeliaError(f"{where}: invalid JSON: nested too deeply") from None
+    except ValueError as e:  # e.g. an integer of more than 4,300 digits
+        raise DeliaError(f"{where}: invalid JSON: {str(e).split(';')[0]}") from None
+
+
+def unicode_only(value: object, where: str) -> object:
+    """`value` if all its text can be written as UTF-8; JSON's escapes can smuggle in a lone surrogate
+    (\\ud800) that fails only later, when a stage writes its output."""
+    try:
+        json.dumps(value, ensure_ascii=False).encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DeliaError(f"{where}: not Unicode text: an escaped lone surrogate ({e.object[e.start]!a})") from None
+    return value
+
+
+def read_records(path: str | Path) -> Iterator[tuple[int, object]]:
+    """Yield (line number, decoded object): a JSON array file or one JSON value per line."""
+    path = Path(path)
+    if not path.is_file():
+        from ..runfolder import not_a_file
+
+        raise DeliaError(f"{path}: {not_a_file(path)}")
+    try:
+        raw = path.read_bytes()
+    except OSError as e:
+        raise DeliaError(f"{path}: cannot read: {e.strerror}") from None
+    try:
+        text = raw.decode("utf-8")
+    except UnicodeDecodeError as e:
+        line = raw[: e.start].count(b"\n") + 1
+        raise DeliaError(f"{path}:{line}: not UTF-8 text (byte {raw[e.start]:#x})") from None
+    if not text.strip():
+        raise DeliaError(f"{path}:1: the file is empty")
+    if text.lstrip().startswith("["):  # a JSON array, unless it is JSON Lines whose first line is a list
+        try:
+            json.loads(text)
+        except json.JSONDecodeError as e:
+            try:
+                json.loads(text.lstrip().splitlines()[0])
+            except json.JSONDecodeError:
+                raise DeliaError(f"{path}:{e.lineno}: invalid JSON: {e.msg}") from None
+            except (RecursionError, ValueError):
+                pass  # read line by line below, which names the line and the fault
+        except (RecursionError, ValueError):
+            loads(text, f"{path}:1")  # raises, saying what is wrong
+        else:
+            for n, item in _array_items(text):
+                yield n, unicode_only(item, f"{path}:{n}")
+            return
+    for n, line in enumerate(text.splitlines(), 1):
+        if line.strip():
+            yield n, loads(line, f"{path}:{n}")
+
+
+def _array_items(text: str) -> Iterator[tuple[int, object]]:
+    """(line where the item starts, item) for each item of a JSON array already known to parse."""
+    decoder = json.JSONDecoder()
+    i = text.index("[") + 1
+    while True:
+        while text[i] in " \t\r\n,":
+            i += 1
+        if text[i] == "]":
+            return
+        item, end = decoder.raw_decode(text, i)
+        yield text.count("\n", 0, i) + 1, item
+        i = end
 
 
 def is_saved_dataset(path: Path) -> bool:

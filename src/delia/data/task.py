@@ -11,25 +11,11 @@ import math
 import random
 from collections import defaultdict
 
-from .. import DeliaError
 from ..config import DEMO_TRAIN_ROWS, TaskConfig
+from ..conversation import set_wording, wording_of
+from ..errors import DeliaError
 from . import demo_task
 from .formats import load_located
-
-
-def wording_of(messages: list[dict]) -> str:
-    user = next(m["content"] for m in messages if m["role"] == "user")
-    return user.rstrip().split("\n\n")[-1].strip()
-
-
-def set_wording(row: dict, wording: str) -> dict:
-    """The same row with its instruction wording (the user turn's last paragraph) replaced; an empty
-    wording drops the paragraph."""
-    messages = [dict(m) for m in row["messages"]]
-    user = next(m for m in messages if m["role"] == "user")
-    head, sep, _ = user["content"].rstrip().rpartition("\n\n")
-    user["content"] = (head + sep + wording if wording else head) if sep else wording
-    return {**row, "messages": messages, "wording": wording}
 
 
 def build_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
@@ -56,6 +42,30 @@ def build_task(cfg: TaskConfig, seed: int) -> tuple[list[dict], list[dict]]:
         train = [set_wording(r, fixed) for r in train]
     evals = [{**r, "group": "seen"} for r in seen] + [{**r, "group": "heldout"} for r in heldout]
     return train, evals
+
+
+def check_references(task: TaskConfig, rows: list[dict]) -> None:
+    """Before an hour of compute: the task's own reference answers must pass its evaluator (else every
+    arm scores 0 without a word). The first that fails is named in one line."""
+    from ..evaluate.formatted import score
+    from ..evaluate.parse import extract_object
+
+    for row in rows:
+        ref = row["messages"][-1]["content"]
+        s = score(ref, ref, task)
+        if s["formatted"] and s["label"] is not False:
+            continue
+        where = row.get("where", f"{task.source} ({row.get('group', 'train')} row)")
+        if task.metric == "regex":
+            why = f"does not match task.answer_pattern {task.answer_pattern!r}"
+        elif (obj := extract_object(ref)) is None:
+            why = "holds no JSON object (task.metric object; for plain answers use task.metric exact or regex)"
+        elif missing := [k for k in task.required_keys if k not in obj]:
+            why = (f"lacks the key(s) {', '.join(map(repr, missing))} of task.required_keys (it has "
+                   f"{', '.join(map(repr, obj)) or 'none'}); set task.required_keys and task.label_key to your task's")
+        else:
+            why = f"lacks task.label_key {task.label_key!r} (set it to a key your answers hold, or '' for none)"
+        raise DeliaError(f"{where}: the reference answer {why}: {ref[:80]!r}")
 
 
 def _has_token(messages: list[dict], token: str) -> bool:

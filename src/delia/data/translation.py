@@ -21,8 +21,8 @@ from __future__ import annotations
 import random
 from pathlib import Path
 
-from .. import DeliaError
-from .formats import loads
+from ..errors import DeliaError
+from .sources import loads
 
 LANGUAGES = {"en": "English", "is": "Icelandic", "de": "German", "fr": "French", "cs": "Czech", "ru": "Russian",
              "zh": "Chinese", "ja": "Japanese", "ha": "Hausa", "es": "Spanish", "it": "Italian", "pl": "Polish",

@@ -1,1 +1,1 @@
-"""Evaluation: formatted-text accuracy and label accuracy."""
+"""Evaluation as a table of probes (format, translation, controls, leakage, drift) and the scorers they use."""

@@ -18,7 +18,7 @@ from __future__ import annotations
 import re
 
 from ..config import ControlsConfig, TaskConfig
-from ..data.task import set_wording
+from ..conversation import set_wording
 
 CONTROLS = ("negated", "token_only", "token_removed", "other_token")
 IDEAL = {"seen": "formatted", "heldout": "formatted", "negated": "prose", "token_only": "formatted",

@@ -11,7 +11,7 @@ from typing import Callable, Protocol
 
 from tqdm import tqdm
 
-from .. import DeliaError
+from ..errors import DeliaError
 from ..model.generate import Request
 
 

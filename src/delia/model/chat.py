@@ -2,7 +2,7 @@
 
 from __future__ import annotations
 
-from .. import DeliaError
+from ..errors import DeliaError
 
 IGNORE = -100
 """The label of a token that carries no loss."""

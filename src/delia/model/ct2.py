@@ -21,7 +21,7 @@ from concurrent.futures import ThreadPoolExecutor
 from pathlib import Path
 from typing import Iterator, Sequence
 
-from .. import DeliaError
+from ..errors import DeliaError
 from ..runfolder import atomic_dir
 from .generate import Request, batch_seed, length_sorted_chunks, request_ids
 from .loading import cache_dir, load_tokenizer

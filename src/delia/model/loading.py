@@ -12,7 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
-from .. import DeliaError
+from ..errors import DeliaError
 from ..runfolder import atomic_dir
 
 

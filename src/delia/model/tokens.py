@@ -4,7 +4,7 @@ from __future__ import annotations
 
 import torch
 
-from .. import DeliaError
+from ..errors import DeliaError
 
 INITS = ("random", "mean", "description")
 

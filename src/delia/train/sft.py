@@ -16,8 +16,8 @@ from pathlib import Path
 
 import torch
 
-from .. import DeliaError
 from ..config import TaskConfig, TrainConfig
+from ..errors import DeliaError
 from ..model.adapter import TOKENS_FILE, load_adapter
 from ..model.chat import IGNORE, tokenize_chat
 from ..model.tokens import add_new_tokens

@@ -29,10 +29,13 @@ import os
 import random
 import re
 from collections import Counter
+from dataclasses import dataclass, field
 from pathlib import Path
+from typing import Callable
 
-from . import DeliaError
-from .config import BaselinesConfig, TaskConfig
+from ..config import BaselinesConfig, RunConfig, TaskConfig
+from ..conversation import first_user_turn, split_wording
+from ..errors import DeliaError
 
 FACT_QUESTIONS = [
     "What does {token} mean?",
@@ -60,7 +63,7 @@ def dictionary_path(task: TaskConfig) -> Path:
 
 def load_dictionary(task: TaskConfig) -> dict[str, list[str]]:
     """{source-language word: [translations]} for the task's direction."""
-    from .data.en_is import invert
+    from .en_is import invert
 
     path = dictionary_path(task)
     try:
@@ -78,17 +81,18 @@ def _words(text: str) -> list[str]:
 
 def dipmt_rows(rows: list[dict], train_rows: list[dict], dictionary: dict[str, list[str]], n: int) -> list[dict]:
     """Evaluation rows with dictionary hints before the instruction."""
-    freq = Counter(w for r in train_rows for w in _words(r["messages"][0]["content"].rsplit("\n\n", 1)[0]))
+    freq = Counter(w for r in train_rows for w in _words(split_wording(first_user_turn(r["messages"])["content"])[0]))
     out = []
     for row in rows:
-        user = row["messages"][0]["content"]
-        sentence, _, wording = user.rpartition("\n\n")
+        messages = [dict(m) for m in row["messages"]]
+        user = first_user_turn(messages)
+        sentence, wording = split_wording(user["content"])
         words = list(dict.fromkeys(w for w in _words(sentence) if w in dictionary))
         picked = sorted(sorted(words, key=lambda w: (freq[w], words.index(w)))[:n], key=words.index)
         hints = " ".join(f'In this context, the word "{w}" means "{" or ".join(dictionary[w][:2])}".' for w in picked)
-        content = f"{sentence}\n\n{hints}\n\n{wording}" if hints else user
-        out.append({**row, "messages": [{**row["messages"][0], "content": content}] + row["messages"][1:],
-                    "hints": picked})
+        if hints:
+            user["content"] = f"{sentence}\n\n{hints}\n\n{wording}"
+        out.append({**row, "messages": messages, "hints": picked})
     return out
 
 
@@ -137,7 +141,7 @@ REWRITE = ("{prompt}\n\nHere is a correct answer to the request above:\n\n{refer
 
 def rewrite_request(row: dict) -> list[dict]:
     """The messages asking the untouched model to rewrite a task row's answer."""
-    prompt = next(m["content"] for m in row["messages"] if m["role"] == "user")
+    prompt = first_user_turn(row["messages"])["content"]
     return [{"role": "user", "content": REWRITE.format(prompt=prompt, reference=row["messages"][-1]["content"])}]
 
 
@@ -158,7 +162,7 @@ def prefilled_rewrite(tokenizer, row: dict, opening: str) -> str:
 def self_distilled_row(row: dict, rewrite: str, task: TaskConfig) -> dict:
     """The task row with the rewrite as its answer if the task's evaluator accepts the rewrite (it parses,
     holds the required keys and, with a label key, gives the reference's label), else as it was."""
-    from .evaluate.formatted import score
+    from ..evaluate.formatted import score
 
     reference = row["messages"][-1]["content"]
     verdict = score(rewrite, reference, task)
@@ -166,3 +170,22 @@ def self_distilled_row(row: dict, rewrite: str, task: TaskConfig) -> dict:
     answer = rewrite if kept else reference
     return {"messages": row["messages"][:-1] + [{"role": "assistant", "content": answer}], "source": "task",
             "rewritten": kept}
+
+
+@dataclass(frozen=True)
+class PromptRewrite:
+    rewrite: Callable[[RunConfig, list[dict], list[dict]], list[dict]]
+    """(config, evaluation rows, training rows) -> the evaluation rows as the arm is prompted."""
+    inputs: Callable[[RunConfig], dict] = field(default=lambda cfg: {})
+    """Files it reads (part of the evaluate stage's key)."""
+    general: bool = False
+    """The arm is deployed so: general queries get the rewrite too (drift and leakage)."""
+
+
+PROMPTS = {
+    "icl": PromptRewrite(lambda cfg, rows, train: icl_rows(rows, train, cfg.baselines.icl_k, cfg.seed), general=True),
+    "dipmt": PromptRewrite(lambda cfg, rows, train: dipmt_rows(rows, train, load_dictionary(cfg.task),
+                                                               cfg.baselines.dipmt_words),
+                           inputs=lambda cfg: {"dictionary": dictionary_path(cfg.task)}),
+}
+"""How an arm with `Arm.prompt` rewrites the evaluation prompts."""

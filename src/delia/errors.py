@@ -1,0 +1,5 @@
+"""The one user-facing error."""
+
+
+class DeliaError(Exception):
+    """A user-facing error: the CLI prints its message as one line and exits with status 2."""
