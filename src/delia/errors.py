@@ -3,3 +3,6 @@
 
 class DeliaError(Exception):
     """A user-facing error: the CLI prints its message as one line and exits with status 2."""
+
+
+DeliaError.__module__ = "delia"  # its public name, as tracebacks and pickles show it (`from delia import DeliaError`)
