@@ -7,7 +7,7 @@ import json
 import pytest
 
 from delia.config import ControlsConfig, TaskConfig, load_config
-from delia.evaluate.controls import CONTROLS, control_rows, without_token_sentences
+from delia.evaluate.controls import CONTROLS, control_rows, switch_consistency, without_token_sentences
 from delia.evaluate.formatted import evaluate_formatted, leakage
 from delia.evaluate.parse import opens_object
 
@@ -73,6 +73,33 @@ def test_a_model_that_always_answers_the_object_fails_every_negated_row_and_hits
     assert leak["attempted"] == leak["strict"] == 0.5 and leak["cut"] == 0.5 and leak["untouched_mean_tokens"] == 5
 
 
+class Switch(Stub):
+    """A generator whose format follows the token and only the token: the object when the instruction
+    (the prompt's last paragraph) is one of the task's own wordings with the token, or the bare token."""
+
+    def batches(self, requests, max_new_tokens, temperature=0.0, top_p=1.0, seed=0):
+        wordings = {r["wording"] for r in ROWS} | {"<sep>"}
+        yield [(r, OBJECT if r.messages[-1]["content"].split("\n\n")[-1] in wordings else "It is right.", 5)
+               for r in requests]
+
+
+@pytest.mark.parametrize("generator, expected", [(Stub(OBJECT), 0.0), (Stub("It is right."), 0.0), (Switch(""), 1.0)])
+def test_switch_consistency_counts_a_row_only_when_every_variant_is_right(generator, expected):
+    controls = control_rows(ROWS, TASK, ControlsConfig(rows=6))
+    _, answers = evaluate_formatted(generator, ROWS, TASK, budget=64)
+    _, scored = evaluate_formatted(generator, controls, TASK, budget=64)
+    found = switch_consistency(answers, scored)
+    assert found["n"] == 6 and found["consistency"] == expected
+    assert found["groups"] == ["instruction", *CONTROLS]
+    assert sorted(r["row"] for r in found["rows"]) == [0, 1, 2, 4, 5, 6]  # held-out wordings first, then seen
+    # one variant wrong spoils its row alone: the negated answer of row 4 is the object
+    spoiled = [dict(c, formatted=True, attempted=True) if (c["row"], c["group"]) == (4, "negated") else c for c in scored]
+    assert switch_consistency(answers, spoiled)["consistency"] == expected * 5 / 6
+    # a backend without the never-trained token: the other groups count
+    without = switch_consistency(answers, [c for c in scored if c["group"] != "other_token"])
+    assert "other_token" not in without["groups"] and without["consistency"] == expected
+
+
 def test_kl_of_the_untouched_model_to_itself_is_exactly_zero_and_positive_after_a_change(tiny_model_dir):
     import torch
 
@@ -124,8 +151,9 @@ def test_general_queries_are_disjoint_from_the_sampled_ones_and_every_arm_gets_c
                for arm in ("untouched", "icl", "common", "delia")}
     assert metrics["untouched"]["drift"]["kl"] == 0.0
     assert metrics["common"]["drift"]["kl"] > 0 and metrics["icl"]["drift"]["kl"] > 0  # examples before every query
-    for m in metrics.values():
+    for arm, m in metrics.items():
         assert set(CONTROLS) <= set(m) and m["leakage"]["n"] == 6 and m["drift"]["nll"] > 0
+        assert m["switch"]["n"] == 2 and len(read_jsonl(tmp_path / "eval" / arm / "switch.jsonl")) == 2
     for heading in ("Does the format follow the token", "What tuning costs on general queries", "On the front"):
         assert heading in report, heading
     assert (tmp_path / "tradeoff.png").read_bytes()[:8] == b"\x89PNG\r\n\x1a\n"

@@ -100,8 +100,9 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     # each arm against DELIA, paired over the two seeds and their rows
     paired = report.split("### Against DELIA: paired bootstrap over 2 seed(s)")[1].split("\n\n")[1]
     untouched = paired.splitlines()[2]
-    assert untouched.startswith("| Untouched model | +0.0 [") and untouched.count("[") == 2
-    assert untouched.endswith("| **yes** |")  # DELIA moved the tiny model on every general query: the untouched one is 0
+    assert untouched.startswith("| Untouched model | +0.0 [") and untouched.count("[") == 3  # format, KL, switch
+    # DELIA moved the tiny model on every general query: the untouched one is 0
+    assert untouched.split(" | ")[4] == "**yes**" and "Switch, arm − DELIA" in paired
     # each trained arm of a later run against itself in the first run, paired over both seeds
     across = report.split("## Each arm against itself in run all")[1].split("\n\n")[2].splitlines()
     more = next(line for line in across if line.startswith("| more-diverse | DELIA (1 epoch) | 2 | "))

@@ -99,22 +99,30 @@ MARKERS = {"untrained": "x", "one epoch": "o", "equal steps": "s", "both": "*"}
 
 def plot_tradeoff(points: list[dict], path, title: str) -> None:
     """Held-out-wording format accuracy against drift, one point per arm (error bars: sd over seeds),
-    the marker saying the arm's budget rule."""
+    the marker saying the arm's budget rule; where the points carry switch consistency, a second panel
+    of it against the same drift."""
     import matplotlib
 
     matplotlib.use("Agg")
     import matplotlib.pyplot as plt
 
-    fig, ax = plt.subplots(figsize=(7, 4.5))
-    if len(points) > 10:  # the default cycle has 10 colours: more arms would share them
-        ax.set_prop_cycle(color=plt.cm.tab20.colors)
-    for p in points:
-        ax.errorbar(p["kl"], 100 * p["accuracy"], xerr=p["kl_sd"] or None, yerr=100 * p["accuracy_sd"] or None,
-                    fmt=MARKERS[p["budget"]], markersize=8, capsize=3, label=f"{p['label']} [{p['budget']}]")
-    ax.set_xlabel("drift: KL(untouched || arm), nats per token on general queries (lower is better)")
-    ax.set_ylabel("format accuracy, held-out wordings (%)")
-    ax.set_title(title)
-    ax.grid(alpha=0.3)
-    ax.legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.14))  # below the axes: never over a point
+    panels = [("accuracy", "format accuracy, held-out wordings (%)")]
+    if any("switch" in p for p in points):
+        panels.append(("switch", "switch consistency (%): every control variant right"))
+    fig, axes = plt.subplots(1, len(panels), figsize=(7 * len(panels), 4.5), squeeze=False)
+    for ax, (key, ylabel) in zip(axes[0], panels):
+        if len(points) > 10:  # the default cycle has 10 colours: more arms would share them
+            ax.set_prop_cycle(color=plt.cm.tab20.colors)
+        for p in points:
+            if key not in p:
+                ax.plot([], [])  # keep each arm's colour the same in both panels
+                continue
+            ax.errorbar(p["kl"], 100 * p[key], xerr=p["kl_sd"] or None, yerr=100 * p[f"{key}_sd"] or None,
+                        fmt=MARKERS[p["budget"]], markersize=8, capsize=3, label=f"{p['label']} [{p['budget']}]")
+        ax.set_xlabel("drift: KL(untouched || arm), nats per token on general queries (lower is better)")
+        ax.set_ylabel(ylabel)
+        ax.grid(alpha=0.3)
+    axes[0][0].set_title(title)
+    axes[0][0].legend(fontsize=7, loc="upper left", bbox_to_anchor=(0, -0.14))  # below the axes: never over a point
     fig.savefig(path, format="png", dpi=110, bbox_inches="tight")
     plt.close(fig)

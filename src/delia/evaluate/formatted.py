@@ -93,7 +93,8 @@ def evaluate_formatted(generator, rows: list[dict], task: TaskConfig, budget: in
     generations = []
     for row, (text, n) in zip(rows, answers):
         generations.append({"group": row["group"], "wording": row.get("wording"), "answer": text, "tokens": n,
-                            "reference": row["messages"][-1]["content"], **score(text, row["messages"][-1]["content"], task)})
+                            "reference": row["messages"][-1]["content"], **score(text, row["messages"][-1]["content"], task),
+                            **({"row": row["row"]} if "row" in row else {})})
     metrics = summarise(generations, budget)
     metrics["max_new_tokens"] = budget
     metrics["hit_token_limit"] = sum(g["tokens"] >= budget for g in generations)

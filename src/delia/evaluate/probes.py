@@ -4,7 +4,8 @@ A probe builds its prompts from the run (`Evaluation`: the arm's generator, the 
 general rows), asks the arm's generator, and scores what comes back. It returns its figures, merged into
 the arm's `metrics.json`, and rows for the files it writes in the arm's evaluation folder (the rows of one
 file from several probes are joined row by row). `PROBES` holds every probe in the order they run;
-`evaluate_arm` runs those that apply to the task kind and the backend. Adding a probe is one entry here
+`evaluate_arm` runs those that apply to the task kind and the backend; a probe may read what the probes
+before it returned (the switch figure reads the format and controls answers). Adding a probe is one entry here
 plus its own code: "How to add a probe" in docs/arms.md.
 """
 
@@ -42,6 +43,8 @@ class Evaluation:
     """Rows as the arm is prompted (its prompt rewrite: in-context examples, dictionary hints)."""
     prompted_general: bool = False
     """The rewrite applies to general queries too (the arm is deployed so)."""
+    results: dict[str, tuple[dict, Files]] = field(default_factory=dict)
+    """What each probe run so far returned, by name (a probe reads those it `needs`)."""
 
     @cached_property
     def rows(self) -> list[dict]:
@@ -73,6 +76,8 @@ class Probe:
     """Config sections it reads beyond `evaluate`, `task` and the model (part of the evaluate stage's key)."""
     inputs: Callable[[RunFolder], dict] = field(default=lambda run: {})
     """Run files it reads beyond the task rows and the adapter (part of the evaluate stage's key)."""
+    needs: tuple[str, ...] = ()
+    """Probes whose results it reads (`Evaluation.results`): listed before it, and it applies only with them."""
 
 
 def _format(ev: Evaluation) -> tuple[dict, Files]:
@@ -111,6 +116,19 @@ def _controls(ev: Evaluation) -> tuple[dict, Files]:
             other.lam = ev.generator.lam  # the lambda the evaluation used
     metrics, generations = evaluate_formatted(other, rows, cfg.task, ev.budget, cfg.seed, desc="controls")
     return {g: m for g, m in metrics.items() if g in CONTROLS}, {"controls.jsonl": generations}
+
+
+def _switch(ev: Evaluation) -> tuple[dict, Files]:
+    """Switch consistency (`delia.evaluate.controls.switch_consistency`): of the rows the controls rewrote,
+    the share whose every variant is right, from the answers the format and controls probes scored."""
+    from .controls import switch_consistency
+
+    controls = ev.results["controls"][1].get("controls.jsonl", [])
+    if not controls:
+        return {}, {}
+    found = switch_consistency(ev.results["format"][1]["generations.jsonl"], controls)
+    rows = found.pop("rows")
+    return {"switch": found}, {"switch.jsonl": rows}
 
 
 def _general_input(run: RunFolder) -> dict:
@@ -160,6 +178,7 @@ PROBES: dict[str, Probe] = {
     "format": Probe(_format),
     "translation": Probe(_translation, kinds=("translation",)),
     "controls": Probe(_controls, settings=("controls",)),
+    "switch": Probe(_switch, settings=("controls",), needs=("format", "controls")),
     "leakage": Probe(_leakage, settings=("controls",), inputs=_general_input),
     "drift": Probe(_drift, settings=("controls",), inputs=_general_input),
 }
@@ -167,8 +186,12 @@ PROBES: dict[str, Probe] = {
 
 
 def applicable(cfg: RunConfig) -> list[str]:
-    """The probes that apply to the run's task kind and generation backend, in order."""
-    return [name for name, p in PROBES.items() if cfg.task.kind in p.kinds and cfg.generation.backend in p.backends]
+    """The probes that apply to the run's task kind and generation backend (and whose `needs` do), in order."""
+    names: list[str] = []
+    for name, p in PROBES.items():
+        if cfg.task.kind in p.kinds and cfg.generation.backend in p.backends and all(n in names for n in p.needs):
+            names.append(name)
+    return names
 
 
 def tune_arithmetic(ev: Evaluation) -> dict:
@@ -206,7 +229,7 @@ def evaluate_arm(cfg: RunConfig, arm: str, probes: list[str], folder: Path, expo
     tuning = tune_arithmetic(ev) if ARMS[arm].decoding == "arithmetic" and cfg.baselines.arithmetic_lambdas else {}
     metrics, files = {}, {}
     for name in probes:
-        figures, written = PROBES[name].run(ev)
+        figures, written = ev.results[name] = PROBES[name].run(ev)
         metrics.update(figures)
         for file, rows in written.items():
             files[file] = [{**a, **b} for a, b in zip(files[file], rows, strict=True)] if file in files else rows

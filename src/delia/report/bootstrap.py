@@ -5,7 +5,9 @@ are compared row by row. One resample draws seeds with replacement and, within e
 rows with replacement (a fresh draw for each time a seed is drawn); the statistic is the arm's figure
 minus DELIA's on the pooled drawn rows:
 - held-out-wording format accuracy: the mean of the per-row difference (formatted or not);
-- drift: per-token KL, summed KL over summed tokens, for each arm, on the same drawn queries.
+- drift: per-token KL, summed KL over summed tokens, for each arm, on the same drawn queries;
+- switch consistency: the mean of the per-row difference (consistent or not) over the rows the controls
+  rewrote.
 The interval is the percentile interval of the resamples; a difference is beyond noise when the
 interval leaves out 0. With few seeds the seed level is coarse: the interval is stated, not a p-value.
 """
@@ -35,6 +37,14 @@ def general_kl(run_dir: str, arm: str) -> list[tuple[str, float, int]] | None:
     if not rows or "kl_sum" not in rows[0]:
         return None
     return [(r["query"], r["kl_sum"], r["kl_tokens"]) for r in rows]
+
+
+def switch_rows(run_dir: str, arm: str) -> list[tuple[int, str, bool]] | None:
+    """(evaluation row, wording, consistent) of each row the controls rewrote, in order; None when not measured."""
+    path = RunFolder(run_dir).eval(arm) / "switch.jsonl"
+    if not path.exists():
+        return None
+    return [(r["row"], r["wording"], bool(r["consistent"])) for r in read_jsonl(path)]
 
 
 def _draws(sizes: list[int], rng: np.random.Generator, resamples: int):
@@ -77,26 +87,32 @@ def kl_difference(arm: list[list[tuple[float, int]]], reference: list[list[tuple
 
 
 def arm_rows(run_dir: str, arm: str) -> tuple:
-    """An arm's held-out-wording rows and general queries in one run folder (`heldout_formatted`, `general_kl`)."""
-    return heldout_formatted(run_dir, arm), general_kl(run_dir, arm)
+    """An arm's held-out-wording rows, general queries and switch rows in one run folder (`heldout_formatted`,
+    `general_kl`, `switch_rows`)."""
+    return heldout_formatted(run_dir, arm), general_kl(run_dir, arm), switch_rows(run_dir, arm)
 
 
 def compare(arm: list[tuple], reference: list[tuple]) -> dict:
     """Arm minus reference, each a list over seeds of `arm_rows`; a figure is compared only where every
-    seed scored the same rows (same wordings and references, same general queries) for both."""
-    acc_a, acc_r, kl_a, kl_r = [], [], [], []
-    for (a, ka), (r, kr) in zip(arm, reference):
+    seed scored the same rows (same wordings and references, same general queries, same control rows) for both."""
+    acc_a, acc_r, kl_a, kl_r, sw_a, sw_r = [], [], [], [], [], []
+    for (a, ka, sa), (r, kr, sr) in zip(arm, reference):
         if a and r and [x[:2] for x in a] == [x[:2] for x in r]:
             acc_a.append([x[2] for x in a])
             acc_r.append([x[2] for x in r])
         if ka and kr and [x[0] for x in ka] == [x[0] for x in kr]:
             kl_a.append([x[1:] for x in ka])
             kl_r.append([x[1:] for x in kr])
+        if sa and sr and [x[:2] for x in sa] == [x[:2] for x in sr]:
+            sw_a.append([x[2] for x in sa])
+            sw_r.append([x[2] for x in sr])
     result = {"seeds": len(arm)}
     if arm and len(acc_a) == len(arm):
         result["heldout"] = accuracy_difference(acc_a, acc_r)
     if arm and len(kl_a) == len(arm):
         result["kl"] = kl_difference(kl_a, kl_r)
+    if arm and len(sw_a) == len(arm):
+        result["switch"] = accuracy_difference(sw_a, sw_r)
     return result
 
 

@@ -84,24 +84,30 @@ def tradeoff(exp: dict, results: list[dict]) -> list[dict]:
     return points
 
 
-def paired_table(results: list[dict], run: str) -> list[str]:
-    """Each arm against DELIA in the same run: held-out-wording format accuracy and drift, the
-    difference and its paired bootstrap interval over seeds and rows (`delia.report.bootstrap`)."""
+def paired_table(results: list[dict], run: str, reference: str = "delia") -> list[str]:
+    """Each arm against `reference` (DELIA, or the KL anchor) in the same run: held-out-wording format
+    accuracy, drift and switch consistency, the difference and its paired bootstrap interval over seeds
+    and rows (`delia.report.bootstrap`)."""
     from .bootstrap import CONFIDENCE, RESAMPLES, paired
 
     rows = [r for r in results if r["run"] == run]
-    if not rows or not all("delia" in r["arms"] for r in rows):
+    if not rows or not all(reference in r["arms"] for r in rows):
         return []
-    found = paired([r["run_dir"] for r in rows], list(rows[0]["arms"]))
+    found = paired([r["run_dir"] for r in rows], list(rows[0]["arms"]), reference)
     if not found:
         return []
     pct = f"{100 * CONFIDENCE:.0f} %"
-    lines = [f"### Against DELIA: paired bootstrap over {len(rows)} seed(s) and their rows ({RESAMPLES:,} "
+    name, short = {"delia": ("DELIA", "DELIA"), "kl_anchor": ("the KL anchor", "anchor")}[reference]
+    switch = any("switch" in d for d in found.values())
+    lines = [f"### Against {name}: paired bootstrap over {len(rows)} seed(s) and their rows ({RESAMPLES:,} "
              f"resamples, {pct} interval)", "",
-             f"| Arm | Held-out format, arm − DELIA (points) [{pct}] | Beyond noise | "
-             f"KL, arm − DELIA (nats/token) [{pct}] | Beyond noise |", "|---|---|---|---|---|"]
+             f"| Arm | Held-out format, arm − {short} (points) [{pct}] | Beyond noise | "
+             f"KL, arm − {short} (nats/token) [{pct}] | Beyond noise |"
+             + (f" Switch, arm − {short} (points) [{pct}] | Beyond noise |" if switch else ""),
+             "|---|---|---|---|---|" + ("---|---|" if switch else "")]
     for arm, d in found.items():
-        lines.append("| " + " | ".join([label(arm)] + _cell(d.get("heldout"), 100, 1) + _cell(d.get("kl"), 1, 3)) + " |")
+        cells = [label(arm)] + _cell(d.get("heldout"), 100, 1) + _cell(d.get("kl"), 1, 3)
+        lines.append("| " + " | ".join(cells + (_cell(d.get("switch"), 100, 1) if switch else [])) + " |")
     return lines
 
 
@@ -151,8 +157,9 @@ def costs_tables(exp: dict, results: list[dict]) -> list[str]:
         tables = controls_table(arms) + drift_table(arms, {})
         if tables:
             lines += ["", f"## Costs and controls: {run['name']}", ""] + [t.replace("## ", "### ", 1) for t in tables]
-        if paired_lines := paired_table(results, run["name"]):
-            lines += [""] + paired_lines
+        for reference in ("delia", "kl_anchor"):
+            if paired_lines := paired_table(results, run["name"], reference):
+                lines += [""] + paired_lines
     lines += across_runs_table(exp, results)
     if points := tradeoff(exp, results):
         lines += ["", tradeoff_words(points), "", f"![format accuracy against drift]({exp['dir']}/tradeoff.png)"]

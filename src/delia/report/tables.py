@@ -174,9 +174,11 @@ def controls_table(arms: dict[str, list[dict] | dict]) -> list[str]:
              "Each cell: attempted / strict (%): the answer opens the object with a required key / it parses and "
              "holds every required key. Controls rewrite the instruction of evaluation rows "
              "(`delia.evaluate.controls`): *negated* asks not to use the format, *token only* is the token alone, "
-             "*token removed* drops the sentences with the token, *other token* puts a never-trained token in its place.",
-             "", "| Arm | " + " | ".join(t for _, t in GROUPS) + " | Cut at the limit |", "|---|" + "---|" * (len(GROUPS) + 1),
-             "| Ideal | " + " | ".join(IDEAL_CELLS) + " | 0 |"]
+             "*token removed* drops the sentences with the token, *other token* puts a never-trained token in its place. "
+             "*Switch*: the share of the rewritten rows whose every variant is right (the row itself and token only: "
+             "the object, strict; the other three: prose, no object attempted).",
+             "", "| Arm | " + " | ".join(t for _, t in GROUPS) + " | Switch | Cut at the limit |",
+             "|---|" + "---|" * (len(GROUPS) + 2), "| Ideal | " + " | ".join(IDEAL_CELLS) + " | 100 | 0 |"]
     for arm, rs in runs.items():
         cells = []
         for group, _ in GROUPS:
@@ -184,7 +186,8 @@ def controls_table(arms: dict[str, list[dict] | dict]) -> list[str]:
             cells.append("-" if not present else f"{mean_sd([m['attempted'] for m in present])} / "
                                                  f"{mean_sd([m['format_accuracy'] for m in present])}")
         cut = [_cut_share([r["metrics"][g] for g, _ in GROUPS if g in r["metrics"]]) for r in rs]
-        lines.append(f"| {label(arm)} | " + " | ".join(cells) + f" | {mean_sd(cut)} % |")
+        switch = mean_sd([r["metrics"]["switch"]["consistency"] for r in rs if "switch" in r["metrics"]])
+        lines.append(f"| {label(arm)} | " + " | ".join(cells) + f" | {switch} | {mean_sd(cut)} % |")
     return lines + [""]
 
 
@@ -230,10 +233,17 @@ def tradeoff_points(runs: dict[str, list[dict]]) -> list[dict]:
         if not pairs:
             continue
         acc, kl = [p[0] for p in pairs], [p[1] for p in pairs]
+        switch = [r["metrics"]["switch"]["consistency"] for r in rs
+                  if "drift" in r["metrics"] and (r["metrics"].get("switch") or {}).get("consistency") is not None]
         points.append({"arm": arm, "label": label(arm), "budget": _budget_rule(arm),
-                       "accuracy": statistics.fmean(acc), "accuracy_sd": statistics.stdev(acc) if len(acc) > 1 else 0.0,
-                       "kl": statistics.fmean(kl), "kl_sd": statistics.stdev(kl) if len(kl) > 1 else 0.0})
+                       "accuracy": statistics.fmean(acc), "accuracy_sd": _sd(acc),
+                       "kl": statistics.fmean(kl), "kl_sd": _sd(kl)}
+                      | ({"switch": statistics.fmean(switch), "switch_sd": _sd(switch)} if switch else {}))
     return points
+
+
+def _sd(values: list[float]) -> float:
+    return statistics.stdev(values) if len(values) > 1 else 0.0
 
 
 def tradeoff_words(points: list[dict]) -> str:
