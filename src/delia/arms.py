@@ -44,6 +44,9 @@ class Arm:
     distill: Literal["", "anchor", "token"] = ""
     """A KL term to the untouched model during training (`delia.train.distill`): `anchor` on the diverse
     rows instead of their cross-entropy, `token` to the untouched model reading the token's description."""
+    decoys: bool = False
+    """Its rows hold decoy tokens (`counterfactual.decoys`): training adds them like the new tokens and
+    never trains their rows."""
     token_init: str = ""
     """Untrained: the new tokens are added with this init and nothing is trained."""
     prompt: str = ""
@@ -83,6 +86,10 @@ _TOKEN_DISTILLED = Arm("token_distilled", "Token distillation (CE + KL to the mo
                       data="common", budget="epoch", distill="token")
 _SELF_DISTILLED = Arm("self_distilled", "Self-distilled targets (SDFT, 1 epoch)", data="self_distilled", budget="epoch",
                      task_kinds=("formatted",))
+_COUNTERFACTUAL = Arm("counterfactual", "Counterfactual rows (DELIA's + the task's inputs without the token, 1 epoch)",
+                      data="counterfactual", budget="epoch", needs_diverse=True, decoys=True, task_kinds=("formatted",))
+_COUNTERFACTUAL_ANCHOR = Arm("counterfactual_anchor", "Counterfactual rows, KL-anchored (1 epoch)", data="counterfactual",
+                             budget="epoch", needs_diverse=True, decoys=True, distill="anchor", task_kinds=("formatted",))
 _DMT = Arm("dmt", "DMT (common, then diverse + some task rows; 1 epoch each)", data="dmt", budget="epoch",
            continues_from="common", needs_diverse=True)
 _LOCAL = ("local",)
@@ -100,6 +107,9 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     # sampled answers: as many steps as DELIA by construction, so in both tables
     Arm("kl_anchor", "KL-anchored task rows (KL to the untouched model on DELIA's diverse rows)", data="delia",
         budget="epoch", needs_diverse=True, distill="anchor", comparisons=COMPARISONS),
+    # the token as a switch: DELIA's rows and the untouched model's answers to the task's own inputs
+    # without the token (`delia.data.counterfactual`), trained by cross-entropy or anchored by KL
+    _COUNTERFACTUAL, _COUNTERFACTUAL_ANCHOR,
     Arm("delia", "DELIA (1 epoch)", data="delia", budget="epoch", needs_diverse=True, comparisons=COMPARISONS),
     _equal_steps(_COMMON, "Common instruction tuning (DELIA's steps)"),
     _equal_steps(_NEFTUNE, "NEFTune (DELIA's steps)"),
@@ -107,6 +117,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     _equal_steps(_DMT, "DMT (both stages together DELIA's steps)"),
     _equal_steps(_TOKEN_DISTILLED, "Token distillation (DELIA's steps)"),
     _equal_steps(_SELF_DISTILLED, "Self-distilled targets (DELIA's steps)"),
+    _equal_steps(_COUNTERFACTUAL, "Counterfactual rows (DELIA's steps)"),
+    _equal_steps(_COUNTERFACTUAL_ANCHOR, "Counterfactual rows, KL-anchored (DELIA's steps)"),
 )}
 """Every arm, in the order of the report's rows."""
 

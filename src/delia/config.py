@@ -289,6 +289,34 @@ class ControlsConfig:
     batch_size: Annotated[int, AtLeastOne] = 16
 
 
+TRAIN_NEGATIONS = (
+    "Skip the {token} layout this time and write a normal sentence instead.",
+    "There is no need for {token} here; a short plain reply will do.",
+    "Reply without {token}: ordinary text only, no structured object.",
+    "Leave out the {token} style and explain it briefly in words.",
+)
+"""The counterfactual arms' training negations: written apart from the evaluation's (`NEGATED`), and the
+config refuses one that equals an evaluation negation."""
+
+
+@dataclass
+class CounterfactualConfig:
+    """The counterfactual arms' own rows (`delia.data.mix`): for every training row, its instruction without
+    the token, negated, and with a decoy token in its place, answered by the untouched model, and the bare
+    token answered with the reference. What they train on stays apart from what the controls test."""
+
+    negations: Annotated[list[str], NonEmpty] = field(default_factory=lambda: list(TRAIN_NEGATIONS))
+    """Training negations ({token} = the new token), taken in turn row by row; never a `controls.negated` one."""
+    decoys: Annotated[list[str], NonEmpty] = field(default_factory=lambda: ["<dcy>", "<alt>", "<fmt>"])
+    """Decoy tokens put in the new token's place, taken in turn row by row: added like the new tokens and
+    never trained; never `controls.other_token` or a new token."""
+    kinds: Annotated[list[Literal["plain", "negated", "decoy", "bare"]], NonEmpty] = field(
+        default_factory=lambda: ["plain", "negated", "decoy", "bare"])
+    """Which variants of each training row to add: `plain` (the instruction without its token sentences),
+    `negated`, `decoy` (answered by the untouched model) and `bare` (the token alone, answered with the
+    reference)."""
+
+
 @dataclass
 class BaselinesConfig:
     icl_k: Annotated[int, NonNegative] = 3
@@ -339,9 +367,10 @@ class RunConfig:
     seed: Annotated[int, Seed] = 0
     arms: Annotated[list[str], NonEmpty] = field(default_factory=lambda: ["untouched", "common", "delia", "common_equal_steps"])
     """Which rows the report holds: untouched, common (1 epoch), delia, common_equal_steps, and the
-    baselines icl, init_random, init_mean, init_description, arithmetic, neftune, facts, dmt; common,
-    neftune, facts and dmt also as ARM_equal_steps (as many optimizer steps as delia; dmt's two stages
-    together). Every arm and its traits: `delia.arms.ARMS`."""
+    baselines icl, init_random, init_mean, init_description, arithmetic, neftune, facts, dmt, the rivals
+    kl_anchor, self_distilled, token_distilled, and the switch arms counterfactual, counterfactual_anchor;
+    most also as ARM_equal_steps (as many optimizer steps as delia; dmt's two stages together). Every arm
+    and its traits: `delia.arms.ARMS`."""
     model: ModelConfig = field(default_factory=ModelConfig)
     generation: GenerationConfig = field(default_factory=GenerationConfig)
     task: TaskConfig = field(default_factory=TaskConfig)
@@ -351,6 +380,7 @@ class RunConfig:
     train: TrainConfig = field(default_factory=TrainConfig)
     evaluate: EvaluateConfig = field(default_factory=EvaluateConfig)
     controls: ControlsConfig = field(default_factory=ControlsConfig)
+    counterfactual: CounterfactualConfig = field(default_factory=CounterfactualConfig)
     sweep: SweepConfig = field(default_factory=SweepConfig)
     baselines: BaselinesConfig = field(default_factory=BaselinesConfig)
 
@@ -474,7 +504,30 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         raise DeliaError(f"{path}: 'controls.other_token': must be a non-empty token other than the new tokens")
     if cfg.controls.rows and not all("{token}" in t for t in cfg.controls.negated) or not cfg.controls.negated:
         raise DeliaError(f"{path}: 'controls.negated': a non-empty list of instructions, each with {{token}}")
+    _check_counterfactual(cfg, path)
     return cfg
+
+
+def _folded(text: str) -> str:
+    """Text as the evaluation-apart check compares it: case and whitespace folded."""
+    return " ".join(text.split()).casefold()
+
+
+def _check_counterfactual(cfg: RunConfig, path: str) -> None:
+    """What a counterfactual arm trains on is never what the controls test (whitespace and case folded)."""
+    c = cfg.counterfactual
+    evaluated = {_folded(t) for t in cfg.controls.negated}
+    for i, text in enumerate(c.negations):
+        if _folded(text) in evaluated:
+            raise DeliaError(f"{path}: 'counterfactual.negations[{i}]': {text!r} is an evaluation negation "
+                             "(controls.negated); a training negation must be another")
+        if "{token}" not in text:
+            raise DeliaError(f"{path}: 'counterfactual.negations[{i}]': {text!r} lacks {{token}}")
+    taken = {_folded(cfg.controls.other_token)} | {_folded(t) for t in cfg.task.new_tokens}
+    for i, token in enumerate(c.decoys):
+        if _folded(token) in taken or not token.strip() or token != token.strip():
+            raise DeliaError(f"{path}: 'counterfactual.decoys[{i}]': {token!r} must be a token other than "
+                             "controls.other_token and the new tokens (the controls test those)")
 
 
 def parse_override(text: str) -> tuple[list[str], Any]:

@@ -185,6 +185,25 @@ def _mix_self_distilled(cfg: RunConfig, task_rows: list[dict]) -> dict:
     return {"self_distilled_rows": len(rows), "self_distilled_kept": kept}
 
 
+def _mix_counterfactual(cfg: RunConfig, task_rows: list[dict]) -> dict:
+    """DELIA's rows (the task rows once, `mix.ratio` x as many self-sampled rows) and the counterfactual rows
+    of the training rows (`delia.data.counterfactual`), shuffled together with the seed."""
+    from collections import Counter
+
+    from .counterfactual import counterfactual_rows
+
+    run = RunFolder(cfg.run_dir)
+    rows = [{"messages": r["messages"], "source": "task"} for r in read_jsonl(delia_task_rows(cfg))]
+    n_diverse = diverse_count(cfg.mix.ratio, len(rows))
+    diverse = read_jsonl(run.diverse)[:n_diverse]  # as mix_files copies them: every key kept
+    if len(diverse) < n_diverse:
+        raise _too_few(cfg.mix.ratio, len(rows), n_diverse, len(diverse))
+    rows += diverse + counterfactual_rows(task_rows, cfg, run.stage("mix"))
+    write_jsonl(run.mix("counterfactual"), [rows[i] for i in _order(len(rows), cfg.seed)])
+    kinds = Counter(r.get("kind", r["source"]) for r in rows)
+    return {"counterfactual_rows": len(rows), "counterfactual_kinds": dict(sorted(kinds.items()))}
+
+
 @dataclass(frozen=True)
 class MixData:
     build: Callable[[RunConfig, list[dict]], dict]
@@ -203,5 +222,8 @@ MIX_DATA = {
         "model": model_key(cfg.model), "backend": cfg.generation.backend, "evaluate": config_dict(cfg)["evaluate"],
         "prefill": cfg.baselines.self_distill_prefill,
         "task": config_dict(cfg)["task"]}}),
+    "counterfactual": MixData(_mix_counterfactual, lambda cfg: {"counterfactual": {
+        **config_dict(cfg)["counterfactual"], "sample": config_dict(cfg)["sample"], "model": model_key(cfg.model),
+        "backend": cfg.generation.backend}}),
 }
 """What each kind of trained arm trains on (`Arm.data`), built by the mix stage."""

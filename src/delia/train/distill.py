@@ -1,8 +1,8 @@
 """Training with a KL term to the untouched model (the same weights with the adapter disabled):
 
-- `anchor` (the `kl_anchor` arm): rows tagged `source: diverse` carry no cross-entropy; on their answer
-  tokens the loss is KL(untouched || model) on the same input, so the model's next-token distribution on
-  general prompts stays where it was. DELIA's cross-entropy on self-sampled answers is a one-sample
+- `anchor` (the `kl_anchor` arm): rows tagged `source: diverse` (and `counterfactual`: `ANCHORED`) carry
+  no cross-entropy; on their answer tokens the loss is KL(untouched || model) on the same input, so the
+  model's next-token distribution on general prompts stays where it was. DELIA's cross-entropy on self-sampled answers is a one-sample
   estimate of this anchor; the arm tells whether DELIA is more than a noisy version of it.
 - `token` (the `token_distilled` arm, context distillation, Snell et al. 2022): every task row carries
   its cross-entropy and, on its answer tokens, KL(teacher || model), where the teacher is the untouched
@@ -20,6 +20,9 @@ from ..config import TaskConfig
 from ..model.chat import IGNORE, tokenize_chat
 
 MODES = ("anchor", "token")
+ANCHORED = ("diverse", "counterfactual")
+"""The rows `anchor` trains by KL to the untouched model instead of cross-entropy: the self-sampled ones and
+the untouched model's answers to the task's inputs without the token (`delia.data.counterfactual`)."""
 
 
 def teacher_messages(messages: list[dict], task: TaskConfig) -> list[dict]:
@@ -39,7 +42,7 @@ def distill_example(tokenizer, row: dict, example: dict, mode: str, task: TaskCo
     """A tokenized row with its KL fields: `kl_labels` (-100 but where the KL applies) and, for `token`,
     the teacher's own input ids and answer positions."""
     if mode == "anchor":
-        if row.get("source") != "diverse":
+        if row.get("source") not in ANCHORED:
             return {**example, "kl_labels": [IGNORE] * len(example["labels"])}
         return {**example, "kl_labels": example["labels"], "labels": [IGNORE] * len(example["labels"])}
     teacher = tokenize_chat(tokenizer, teacher_messages(row["messages"], task), max_length)

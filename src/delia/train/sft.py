@@ -140,15 +140,17 @@ def _separate_token_lr(model, cfg: TrainConfig, embed_name: str):
 
 
 def _add_or_resume_tokens(model, tokenizer, cfg: TrainConfig, task: TaskConfig, seed: int,
-                          resume_adapter: Path | None):
-    """The new tokens added with their init, or a saved adapter loaded to go on training (DMT's second
-    stage). Returns (model, tokenizer, new token ids, their init, the seed of their init)."""
+                          resume_adapter: Path | None, untrained: list[str]):
+    """The new tokens added with their init (then the `untrained` ones, the same way), or a saved adapter
+    loaded to go on training (DMT's second stage). Returns (model, tokenizer, the ids of the tokens that
+    train, their init, the seed of their init)."""
     if resume_adapter:
         meta = json.loads((Path(resume_adapter) / TOKENS_FILE).read_text())
         model, tokenizer = load_adapter(model, tokenizer, resume_adapter, trainable=True)
-        return model, tokenizer, tokenizer.convert_tokens_to_ids(meta["tokens"]), meta["init"], meta["seed"]
-    new_ids = add_new_tokens(model, tokenizer, task.new_tokens, cfg.token_init, task.description, seed)
-    return model, tokenizer, new_ids, cfg.token_init, seed
+        trained = [t for t in meta["tokens"] if t not in meta.get("untrained", [])]
+        return model, tokenizer, tokenizer.convert_tokens_to_ids(trained), meta["init"], meta["seed"]
+    ids = add_new_tokens(model, tokenizer, task.new_tokens + list(untrained), cfg.token_init, task.description, seed)
+    return model, tokenizer, ids[: len(task.new_tokens)], cfg.token_init, seed
 
 
 def _examples(tokenizer, rows: list[dict], max_length: int, distill: str = "", task: TaskConfig | None = None) -> list[dict]:
@@ -274,7 +276,8 @@ def _on_cpu(model, processes: int) -> bool:
     return processes == 1 and model.device.type == "cpu"
 
 
-def _save(trainer, model, tokenizer, adapter: Path, task: TaskConfig, token_init: str, seed_init: int, rank: int):
+def _save(trainer, model, tokenizer, adapter: Path, task: TaskConfig, token_init: str, seed_init: int, rank: int,
+          untrained: list[str]):
     """The adapter, the tokenizer and how to re-create the new tokens' base rows (TOKENS_FILE)."""
     if trainer.is_fsdp_enabled or trainer.is_deepspeed_enabled:
         trainer.save_model(str(adapter))  # every process: gathers the sharded weights, the main one writes
@@ -288,8 +291,9 @@ def _save(trainer, model, tokenizer, adapter: Path, task: TaskConfig, token_init
             else config["target_modules"]  # peft writes a set in hash order: the same adapter, other bytes
         write_json(adapter / "adapter_config.json", config)
         tokenizer.save_pretrained(adapter)
-        write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens, "init": token_init,
-                                           "description": task.description, "seed": seed_init})
+        write_json(adapter / TOKENS_FILE, {"tokens": task.new_tokens + list(untrained), "init": token_init,
+                                           "description": task.description, "seed": seed_init}
+                   | ({"untrained": list(untrained)} if untrained else {}))
     trainer.accelerator.wait_for_everyone()
 
 
@@ -308,17 +312,20 @@ def train_lora(
     callbacks: list | None = None,
     distill: str = "",
     beta: float = 0.0,
+    untrained_tokens: list[str] = (),
 ) -> dict:
     """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
     and save it with the tokenizer in `out_dir/adapter`; `distill` (anchor or token) adds a KL term to
-    the untouched model of weight `beta` (delia.train.distill). Returns the run's figures."""
+    the untouched model of weight `beta` (delia.train.distill); `untrained_tokens` (decoys) are added after
+    the new tokens, the same way, and their rows are not trained (with `train.new_token_mode`
+    trainable_tokens). Returns the run's figures."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import Trainer, set_seed
 
     set_seed(seed)  # the LoRA init draws from the global generator: same seed, same adapter, in any process
     model, tokenizer, new_ids, token_init, seed_init = _add_or_resume_tokens(model, tokenizer, cfg, task, seed,
-                                                                             resume_adapter)
+                                                                             resume_adapter, untrained_tokens)
     examples = _examples(tokenizer, rows, cfg.max_length, distill, task)
     rank, processes = world()
     if (left_out := len(rows) - len(examples)) and rank == 0:
@@ -353,7 +360,7 @@ def train_lora(
     counts = collator.counts(trainer.state.global_step)
     counts["tokens"], counts["loss_tokens"], counts["padded_tokens"] = _sum_over_processes(
         [counts["tokens"], counts["loss_tokens"], counts["padded_tokens"]])
-    _save(trainer, model, tokenizer, out_dir / "adapter", task, token_init, seed_init, rank)
+    _save(trainer, model, tokenizer, out_dir / "adapter", task, token_init, seed_init, rank, untrained_tokens)
     losses = [json.loads(line)["loss"] for line in open(loss_log)] if loss_log.exists() else []
     if rank == 0:
         shutil.rmtree(out_dir / "checkpoints", ignore_errors=True)

@@ -1,0 +1,106 @@
+"""The token as a switch: the counterfactual arms' rows stay apart from what the controls test, come from
+the training rows only, are answered by the untouched model, and train with their decoy tokens untrained."""
+
+from __future__ import annotations
+
+import contextlib
+import io
+import json
+
+import pytest
+
+from delia.cli import main
+from delia.config import NEGATED, load_config
+
+
+def _delia(*args: str) -> tuple[int, str]:
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err), contextlib.redirect_stdout(io.StringIO()):
+        code = main(list(args))
+    return code, err.getvalue()
+
+
+@pytest.mark.parametrize("override, words", [
+    (f"counterfactual.negations=['  {NEGATED[1].upper()} ']", "'counterfactual.negations[0]'"),
+    ("counterfactual.negations=['Please do not use it.']", "lacks {token}"),
+    ("counterfactual.decoys=['<CTL>', '<dcy>']", "'counterfactual.decoys[0]'"),
+    ("counterfactual.decoys=['<sep>']", "'counterfactual.decoys[0]'"),
+])
+def test_training_negations_and_decoys_equal_to_the_evaluations_are_refused_at_load(override, words, tmp_path):
+    code, err = _delia("config", "configs/demo.yaml", "--set", override)
+    assert code == 2 and err.count("\n") == 1 and "Traceback" not in err and words in err, err
+    # the evaluation's own lists stay as they are: changing them does not make a training one acceptable
+    code, err = _delia("config", "configs/demo.yaml", "--set", "controls.negated=['No {token} at all.']", "--set",
+                       "counterfactual.negations=['no {token} AT all.']")
+    assert code == 2 and "is an evaluation negation" in err
+
+
+def _cfg(tiny_model_dir, tmp_path, *more):
+    return load_config(None, [f"run_dir={tmp_path}", f"model.name={tiny_model_dir}", "task.train_rows=6",
+                              "task.eval_rows=2", "sample.max_new_tokens=6", "sample.batch_size=1", "mix.ratio=2",
+                              "evaluate.max_new_tokens=4", "train.batch_size=4", "controls.rows=2",
+                              "controls.general_queries=4", "controls.general_max_new_tokens=4", *more])
+
+
+def test_counterfactual_rows_come_from_training_rows_and_the_untouched_models_answers(tiny_model_dir, tmp_path):
+    from delia.config import model_key
+    from delia.data.counterfactual import row_key
+    from delia.model.generate import LocalGenerator, Request
+    from delia.model.loading import load_model
+    from delia.pipeline import stage_mix, stage_sample, stage_task
+    from delia.runfolder import fingerprint, read_jsonl
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "arms=[untouched, delia, counterfactual]")
+    stage_task(cfg)
+    stage_sample(cfg)
+    mixed = stage_mix(cfg)["outputs"]
+    train, evals = read_jsonl(tmp_path / "task" / "train.jsonl"), read_jsonl(tmp_path / "task" / "eval.jsonl")
+    rows = read_jsonl(tmp_path / "mix" / "counterfactual.jsonl")
+    made = [r for r in rows if "kind" in r]
+    assert {r["of"] for r in made} == {row_key(r) for r in train} and not {r["of"] for r in made} & {row_key(r) for r in evals}
+    kinds = mixed["counterfactual_kinds"]
+    assert kinds["bare"] == 6 and kinds["task"] == 6 and kinds["diverse"] == 12 and mixed["counterfactual_rows"] == len(rows)
+    untouched = LocalGenerator(*load_model(tiny_model_dir), batch_size=1)
+    answered = [r for r in made if r["source"] == "counterfactual"]
+    assert {r["kind"] for r in answered} <= {"plain", "negated", "decoy"} and answered
+    s = cfg.sample
+    for r in answered[:6]:  # the untouched model's own draw for the rewritten prompt, keyed and seeded as `sample`
+        prompt = r["messages"][:-1]
+        key = fingerprint({"model": model_key(cfg.model), "style": "plain", "max_new_tokens": s.max_new_tokens,
+                           "temperature": s.temperature, "top_p": s.top_p, "seed": cfg.seed, "prompt": prompt})
+        [[(_, text, _)]] = list(untouched.batches([Request(key=key, messages=prompt)], s.max_new_tokens,
+                                                  s.temperature, s.top_p, cfg.seed))
+        assert r["messages"][-1]["content"] == text
+    users = [r["messages"][0]["content"] for r in made]
+    assert not any(n.format(token="<sep>") in u for u in users for n in NEGATED)  # never the evaluation's
+    assert sum("<dcy>" in u or "<alt>" in u or "<fmt>" in u for u in users) == kinds.get("decoy", 0) > 0
+    bare = [r for r in made if r["kind"] == "bare"]
+    assert all(r["messages"][0]["content"].endswith("\n\n<sep>") and r["source"] == "task" for r in bare)
+    assert {r["messages"][-1]["content"] for r in bare} == {r["messages"][-1]["content"] for r in train}
+
+
+def test_the_counterfactual_arms_train_with_their_decoys_untrained_and_report_the_switch(tiny_model_dir, tmp_path):
+    from delia.model.arm import arm_model
+    from delia.model.tokens import add_new_tokens
+    from delia.pipeline import run_all
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "arms=[untouched, delia, counterfactual, counterfactual_anchor]")
+    report = run_all(cfg).read_text()
+    for arm in ("counterfactual", "counterfactual_anchor"):
+        manifest = json.loads((tmp_path / "train" / arm / "manifest.json").read_text())
+        assert manifest["settings"]["untrained_tokens"] == ["<dcy>", "<alt>", "<fmt>"]
+        tokens = json.loads((tmp_path / "train" / arm / "adapter" / "delia_tokens.json").read_text())
+        assert tokens["tokens"] == ["<sep>", "<dcy>", "<alt>", "<fmt>"] and tokens["untrained"] == ["<dcy>", "<alt>", "<fmt>"]
+        metrics = json.loads((tmp_path / "eval" / arm / "metrics.json").read_text())
+        assert metrics["switch"]["n"] == 2 and 0 <= metrics["switch"]["consistency"] <= 1
+        model, tokenizer = arm_model(cfg, arm)
+        merged = model.merge_and_unload().get_input_embeddings().weight
+        base, base_tok = arm_model(cfg, "untouched")
+        add_new_tokens(base, base_tok, tokens["tokens"], tokens["init"], tokens["description"], tokens["seed"])
+        init = base.get_input_embeddings().weight
+        ids = tokenizer.convert_tokens_to_ids(tokens["tokens"])
+        assert ids == base_tok.convert_tokens_to_ids(tokens["tokens"])
+        assert not merged[ids[0]].equal(init[ids[0]])  # <sep> trained
+        assert all(merged[i].equal(init[i]) for i in ids[1:])  # the decoys as they were added
+    assert "anchor" in json.loads((tmp_path / "train" / "counterfactual_anchor" / "manifest.json").read_text())["settings"]["distill"]["mode"]
+    assert "| Switch |" in report and "Counterfactual rows, KL-anchored (1 epoch)" in report
