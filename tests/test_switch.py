@@ -104,3 +104,54 @@ def test_the_counterfactual_arms_train_with_their_decoys_untrained_and_report_th
         assert all(merged[i].equal(init[i]) for i in ids[1:])  # the decoys as they were added
     assert "anchor" in json.loads((tmp_path / "train" / "counterfactual_anchor" / "manifest.json").read_text())["settings"]["distill"]["mode"]
     assert "| Switch |" in report and "Counterfactual rows, KL-anchored (1 epoch)" in report
+
+
+def test_the_gist_mask_hides_exactly_the_instruction_words_before_the_token(tiny):
+    import torch
+
+    from delia.model.chat import tokenize_chat
+    from delia.model.tokens import add_new_tokens
+    from delia.train.gist import gist_attention, gist_positions
+
+    model, tokenizer = tiny
+    add_new_tokens(model, tokenizer, ["<sep>"], "random")
+    messages = [{"role": "user", "content": "Question: What is 2 + 2?\nAnswer: 4.\n\nCheck it and reply in the <sep> format."},
+                {"role": "assistant", "content": '{"thought": "2 + 2 is 4.", "hallucination": "no"}'}]
+    ids = tokenize_chat(tokenizer, messages, 256)["input_ids"]
+    gist = gist_positions(tokenizer, messages, ["<sep>"], 256)
+    token, hidden = gist[0], gist[1:]
+    assert tokenizer.convert_ids_to_tokens(ids[token]) == "<sep>"
+    assert tokenizer.decode([ids[i] for i in hidden]) == "Check it and reply in the "
+    assert hidden == list(range(hidden[0], token))  # the words just before the token, nothing else
+    mask = gist_attention(torch.ones(1, len(ids), dtype=torch.long), [gist], torch.float32)[0, 0] == 0
+    causal = torch.ones(len(ids), len(ids), dtype=torch.bool).tril()
+    expected = causal.clone()
+    expected[token + 1:, hidden] = False
+    assert torch.equal(mask, expected)
+    # without the token in the instruction, or cut off before it: no gist
+    assert gist_positions(tokenizer, [{"role": "user", "content": "Name three colours."}], ["<sep>"], 256) == []
+    assert gist_positions(tokenizer, messages, ["<sep>"], token) == []
+    # the model honours the mask: what follows the token changes, what precedes it does not
+    with torch.no_grad():
+        plain = model(input_ids=torch.tensor([ids])).logits[0]
+        masked = model(input_ids=torch.tensor([ids]), attention_mask=gist_attention(
+            torch.ones(1, len(ids), dtype=torch.long), [gist], torch.float32)).logits[0]
+    assert torch.allclose(plain[: token + 1], masked[: token + 1], atol=1e-5)
+    assert not torch.allclose(plain[token + 1:], masked[token + 1:], atol=1e-3)
+
+
+def test_the_gist_arm_trains_with_the_mask_on_the_rows_that_hold_the_token(tiny_model_dir, tmp_path):
+    from delia.pipeline import stage_mix, stage_sample, stage_task, stage_train
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "arms=[untouched, delia, gist]")
+    stage_task(cfg)
+    stage_sample(cfg)
+    mixed = stage_mix(cfg)["outputs"]
+    stage_train(cfg, "delia")
+    done = stage_train(cfg, "gist")
+    out = done["outputs"]
+    # the task rows, the bare-token rows and the negated ones ("Skip the <sep> layout ...") hold the token;
+    # the self-sampled, plain and decoy rows have none to gist
+    kinds = mixed["counterfactual_kinds"]
+    assert out["gist_rows"] == kinds["task"] + kinds["bare"] + kinds["negated"] == 18
+    assert done["settings"]["gist"] is True and out["steps"] > 0 and out["last_loss"] == out["last_loss"]  # not NaN

@@ -44,6 +44,9 @@ class Arm:
     distill: Literal["", "anchor", "token"] = ""
     """A KL term to the untouched model during training (`delia.train.distill`): `anchor` on the diverse
     rows instead of their cross-entropy, `token` to the untouched model reading the token's description."""
+    gist: bool = False
+    """Rows whose instruction holds the token train with a gist mask: what follows the token cannot attend to
+    the instruction words before it (`delia.train.gist`)."""
     decoys: bool = False
     """Its rows hold decoy tokens (`counterfactual.decoys`): training adds them like the new tokens and
     never trains their rows."""
@@ -90,6 +93,8 @@ _COUNTERFACTUAL = Arm("counterfactual", "Counterfactual rows (DELIA's + the task
                       data="counterfactual", budget="epoch", needs_diverse=True, decoys=True, task_kinds=("formatted",))
 _COUNTERFACTUAL_ANCHOR = Arm("counterfactual_anchor", "Counterfactual rows, KL-anchored (1 epoch)", data="counterfactual",
                              budget="epoch", needs_diverse=True, decoys=True, distill="anchor", task_kinds=("formatted",))
+_GIST = Arm("gist", "Gist-masked counterfactual rows, KL-anchored (1 epoch)", data="counterfactual", budget="epoch",
+             needs_diverse=True, decoys=True, distill="anchor", gist=True, task_kinds=("formatted",))
 _DMT = Arm("dmt", "DMT (common, then diverse + some task rows; 1 epoch each)", data="dmt", budget="epoch",
            continues_from="common", needs_diverse=True)
 _LOCAL = ("local",)
@@ -109,7 +114,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
         budget="epoch", needs_diverse=True, distill="anchor", comparisons=COMPARISONS),
     # the token as a switch: DELIA's rows and the untouched model's answers to the task's own inputs
     # without the token (`delia.data.counterfactual`), trained by cross-entropy or anchored by KL
-    _COUNTERFACTUAL, _COUNTERFACTUAL_ANCHOR,
+    _COUNTERFACTUAL, _COUNTERFACTUAL_ANCHOR, _GIST,
     Arm("delia", "DELIA (1 epoch)", data="delia", budget="epoch", needs_diverse=True, comparisons=COMPARISONS),
     _equal_steps(_COMMON, "Common instruction tuning (DELIA's steps)"),
     _equal_steps(_NEFTUNE, "NEFTune (DELIA's steps)"),
@@ -119,6 +124,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     _equal_steps(_SELF_DISTILLED, "Self-distilled targets (DELIA's steps)"),
     _equal_steps(_COUNTERFACTUAL, "Counterfactual rows (DELIA's steps)"),
     _equal_steps(_COUNTERFACTUAL_ANCHOR, "Counterfactual rows, KL-anchored (DELIA's steps)"),
+    _equal_steps(_GIST, "Gist-masked counterfactual rows, KL-anchored (DELIA's steps)"),
 )}
 """Every arm, in the order of the report's rows."""
 

@@ -247,6 +247,8 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     decoys = cfg.counterfactual.decoys if a.decoys else []
     if decoys:
         settings["untrained_tokens"] = decoys
+    if a.gist:
+        settings["gist"] = True
     inputs = {"data": data}
     if a.continues_from:  # a second stage goes on from the first stage's adapter
         inputs["stage1"] = adapter_of(cfg, a.continues_from) / "adapter_model.safetensors"
@@ -260,7 +262,7 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     stats = train_lora(model, tokenizer, read_jsonl(data), cfg.train, cfg.task, run.train(arm), cfg.seed, max_steps,
                        neftune_alpha=cfg.baselines.neftune_alpha if a.neftune else 0.0,
                        resume_adapter=adapter_of(cfg, a.continues_from) if a.continues_from else None, run_key=stage.key,
-                       distill=a.distill, beta=beta, untrained_tokens=decoys)
+                       distill=a.distill, beta=beta, untrained_tokens=decoys, gist=a.gist)
     if a.continues_from:  # count both stages
         first = _trained(cfg, a.continues_from)
         stats.update(stage2_steps=stats["steps"], seconds=round(stats["seconds"] + first["seconds"], 1),

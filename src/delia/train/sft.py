@@ -23,6 +23,8 @@ from ..model.chat import IGNORE, tokenize_chat
 from ..model.tokens import add_new_tokens
 from ..runfolder import world, write_json
 from .distill import distill_example, distill_trainer_class, pad_extra
+from .gist import FIELD as GIST
+from .gist import gist_attention, gist_positions
 
 COUNTS_FILE = "delia_counts.json"
 KL_FIELDS = ("kl_labels", "teacher_input_ids", "teacher_labels")
@@ -80,24 +82,28 @@ def embedding_module_name(model) -> str:
 
 class _CountingCollator:
     """Pads a batch and counts the tokens that go through training (all, and those with a loss).
-    Batches are counted as they are consumed: the data loader collates one batch ahead."""
+    Batches are counted as they are consumed: the data loader collates one batch ahead. Rows with a gist
+    (`delia.train.gist`) get the batch's 4D gist mask, in `mask_dtype`."""
 
-    def __init__(self, tokenizer, accumulation: int):
+    def __init__(self, tokenizer, accumulation: int, mask_dtype: torch.dtype = torch.float32):
         from transformers import DataCollatorForSeq2Seq
 
         self.inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=IGNORE)
+        self.mask_dtype = mask_dtype
         self.accumulation = accumulation
         self.start = {"step": 0, "tokens": 0, "loss_tokens": 0, "padded_tokens": 0}  # of a checkpoint resumed from
         self.batches: list[tuple[int, int, int]] = []
 
     def __call__(self, features):
         extra = [k for k in features[0] if k in KL_FIELDS]
-        batch = self.inner([{k: v for k, v in f.items() if k not in KL_FIELDS} for f in features])
+        batch = self.inner([{k: v for k, v in f.items() if k not in KL_FIELDS and k != GIST} for f in features])
         with_loss = batch["labels"] != IGNORE
         if extra:  # a KL term (delia.train.distill): its tokens carry a loss too
             batch.update(pad_extra(features, self.inner.tokenizer.pad_token_id))
             with_loss |= batch["kl_labels"] != IGNORE
         self.batches.append((int(batch["attention_mask"].sum()), int(with_loss.sum()), batch["input_ids"].numel()))
+        if GIST in features[0]:
+            batch["attention_mask"] = gist_attention(batch["attention_mask"], [f[GIST] for f in features], self.mask_dtype)
         return batch
 
     def counts(self, step: int) -> dict:
@@ -153,12 +159,15 @@ def _add_or_resume_tokens(model, tokenizer, cfg: TrainConfig, task: TaskConfig, 
     return model, tokenizer, ids[: len(task.new_tokens)], cfg.token_init, seed
 
 
-def _examples(tokenizer, rows: list[dict], max_length: int, distill: str = "", task: TaskConfig | None = None) -> list[dict]:
+def _examples(tokenizer, rows: list[dict], max_length: int, distill: str = "", task: TaskConfig | None = None,
+              gist: bool = False) -> list[dict]:
     """Tokenized rows that keep at least one assistant token after truncation (with their KL fields for a
-    `distill` mode, see delia.train.distill)."""
+    `distill` mode, see delia.train.distill, and their gist for `gist`, see delia.train.gist)."""
     tokenizer.padding_side = "right"
     pairs = [(r, tokenize_chat(tokenizer, r["messages"], max_length, r.get("open_end", False))) for r in rows]
     pairs = [(r, e) for r, e in pairs if any(label != IGNORE for label in e["labels"])]
+    if gist:
+        pairs = [(r, {**e, GIST: gist_positions(tokenizer, r["messages"], task.new_tokens, max_length)}) for r, e in pairs]
     examples = [distill_example(tokenizer, r, e, distill, task, max_length) if distill else e for r, e in pairs]
     if not examples:
         raise DeliaError("no training row has an assistant token left (raise train.max_length?)")
@@ -313,12 +322,14 @@ def train_lora(
     distill: str = "",
     beta: float = 0.0,
     untrained_tokens: list[str] = (),
+    gist: bool = False,
 ) -> dict:
     """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
     and save it with the tokenizer in `out_dir/adapter`; `distill` (anchor or token) adds a KL term to
     the untouched model of weight `beta` (delia.train.distill); `untrained_tokens` (decoys) are added after
     the new tokens, the same way, and their rows are not trained (with `train.new_token_mode`
-    trainable_tokens). Returns the run's figures."""
+    trainable_tokens); `gist` trains rows that hold the token with a gist mask (delia.train.gist). Returns
+    the run's figures."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import Trainer, set_seed
@@ -326,7 +337,7 @@ def train_lora(
     set_seed(seed)  # the LoRA init draws from the global generator: same seed, same adapter, in any process
     model, tokenizer, new_ids, token_init, seed_init = _add_or_resume_tokens(model, tokenizer, cfg, task, seed,
                                                                              resume_adapter, untrained_tokens)
-    examples = _examples(tokenizer, rows, cfg.max_length, distill, task)
+    examples = _examples(tokenizer, rows, cfg.max_length, distill, task, gist)
     rank, processes = world()
     if (left_out := len(rows) - len(examples)) and rank == 0:
         print(f"delia: train: {left_out} of {len(rows)} rows keep no answer token within train.max_length "
@@ -337,7 +348,7 @@ def train_lora(
         model = get_peft_model(model, lora_config(cfg, embed_name, new_ids))
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_log = out_dir / "loss.jsonl"
-    collator = _CountingCollator(tokenizer, accumulation)
+    collator = _CountingCollator(tokenizer, accumulation, model.dtype)
     checkpoint = _resume_or_start(out_dir, run_key, collator, loss_log, rank)
     trainer = (distill_trainer_class() if distill else Trainer)(
         **({"beta": beta} if distill else {}),
@@ -385,4 +396,4 @@ def train_lora(
         "seconds": round(seconds, 1),
         "new_token_ids": new_ids,
         "resumed_from_step": collator.start["step"],
-    }
+    } | ({"gist_rows": sum(bool(e[GIST]) for e in examples)} if gist else {})
