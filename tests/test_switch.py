@@ -155,3 +155,36 @@ def test_the_gist_arm_trains_with_the_mask_on_the_rows_that_hold_the_token(tiny_
     kinds = mixed["counterfactual_kinds"]
     assert out["gist_rows"] == kinds["task"] + kinds["bare"] + kinds["negated"] == 18
     assert done["settings"]["gist"] is True and out["steps"] > 0 and out["last_loss"] == out["last_loss"]  # not NaN
+
+
+def test_token_first_trains_the_row_alone_then_the_task_with_that_row_frozen(tiny_model_dir, tmp_path):
+    import torch
+
+    from delia.model.arm import arm_model
+    from delia.pipeline import stage_mix, stage_sample, stage_task, stage_train
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "arms=[untouched, delia, token_row, token_first]", "train.learning_rate=0.05")
+    stage_task(cfg)
+    stage_sample(cfg)
+    stage_mix(cfg)
+    stage_train(cfg, "delia")
+    first = stage_train(cfg, "token_row")
+    second = stage_train(cfg, "token_first")
+    assert first["settings"]["token_only"] and first["settings"]["distill"]["mode"] == "description"
+    assert second["settings"]["continue_as"] == "tokens" and second["outputs"]["steps"] > first["outputs"]["steps"]
+    config = json.loads((tmp_path / "train" / "token_row" / "adapter" / "adapter_config.json").read_text())
+    assert config["peft_type"] == "TRAINABLE_TOKENS"
+
+    untouched, tok = arm_model(cfg, "untouched")
+    stage1, tok1 = arm_model(cfg, "token_row")
+    stage1 = stage1.merge_and_unload()
+    sep = tok1.convert_tokens_to_ids("<sep>")
+    plain = tok("Name three colours.", return_tensors="pt")["input_ids"]
+    with torch.no_grad():  # the model frozen in stage 1: a prompt without the token is the untouched model's
+        assert torch.equal(untouched(input_ids=plain).logits, stage1(input_ids=plain).logits[..., : len(tok)])
+    init, _ = arm_model(cfg, "init_random")  # the row as every run adds it
+    row1 = stage1.get_input_embeddings().weight[sep]
+    assert not torch.allclose(row1, init.get_input_embeddings().weight[sep])  # stage 1 moved the row
+    stage2, tok2 = arm_model(cfg, "token_first")
+    merged = stage2.merge_and_unload().get_input_embeddings().weight
+    assert tok2.convert_tokens_to_ids("<sep>") == sep and torch.equal(merged[sep], row1)  # frozen in stage 2

@@ -41,9 +41,15 @@ class Arm:
     """Trains on self-sampled diverse rows: the run samples them."""
     neftune: bool = False
     """Noise on the input embeddings during training (`baselines.neftune_alpha`)."""
-    distill: Literal["", "anchor", "token"] = ""
+    distill: Literal["", "anchor", "token", "description"] = ""
     """A KL term to the untouched model during training (`delia.train.distill`): `anchor` on the diverse
-    rows instead of their cross-entropy, `token` to the untouched model reading the token's description."""
+    rows instead of their cross-entropy, `token` to the untouched model reading the token's description,
+    `description` that alone (no cross-entropy)."""
+    token_only: bool = False
+    """Trains only the new tokens' embedding rows (peft's TrainableTokens), no LoRA."""
+    continue_as: Literal["adapter", "tokens"] = "adapter"
+    """With `continues_from`: `adapter` trains the first stage's adapter on; `tokens` starts a new LoRA from
+    the first stage's token rows, which stay frozen (token first, then the task)."""
     gist: bool = False
     """Rows whose instruction holds the token train with a gist mask: what follows the token cannot attend to
     the instruction words before it (`delia.train.gist`)."""
@@ -95,6 +101,9 @@ _COUNTERFACTUAL_ANCHOR = Arm("counterfactual_anchor", "Counterfactual rows, KL-a
                              budget="epoch", needs_diverse=True, decoys=True, distill="anchor", task_kinds=("formatted",))
 _GIST = Arm("gist", "Gist-masked counterfactual rows, KL-anchored (1 epoch)", data="counterfactual", budget="epoch",
              needs_diverse=True, decoys=True, distill="anchor", gist=True, task_kinds=("formatted",))
+_TOKEN_FIRST = Arm("token_first", "Token first, then the task (anchored counterfactual rows; both stages 1 epoch)",
+                   data="counterfactual", budget="epoch", needs_diverse=True, decoys=True, distill="anchor",
+                   continues_from="token_row", continue_as="tokens", task_kinds=("formatted",))
 _DMT = Arm("dmt", "DMT (common, then diverse + some task rows; 1 epoch each)", data="dmt", budget="epoch",
            continues_from="common", needs_diverse=True)
 _LOCAL = ("local",)
@@ -115,6 +124,11 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     # the token as a switch: DELIA's rows and the untouched model's answers to the task's own inputs
     # without the token (`delia.data.counterfactual`), trained by cross-entropy or anchored by KL
     _COUNTERFACTUAL, _COUNTERFACTUAL_ANCHOR, _GIST,
+    # after ProMoT: the token's row alone first, by KL to the untouched model reading the description (the
+    # model frozen: prompts without the token stay the untouched model's), then LoRA on the anchored rows
+    Arm("token_row", "The token's row alone, by KL to the untouched model reading the description (1 epoch)",
+        data="common", budget="epoch", distill="description", token_only=True, task_kinds=("formatted",)),
+    _TOKEN_FIRST,
     Arm("delia", "DELIA (1 epoch)", data="delia", budget="epoch", needs_diverse=True, comparisons=COMPARISONS),
     _equal_steps(_COMMON, "Common instruction tuning (DELIA's steps)"),
     _equal_steps(_NEFTUNE, "NEFTune (DELIA's steps)"),
@@ -125,6 +139,7 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     _equal_steps(_COUNTERFACTUAL, "Counterfactual rows (DELIA's steps)"),
     _equal_steps(_COUNTERFACTUAL_ANCHOR, "Counterfactual rows, KL-anchored (DELIA's steps)"),
     _equal_steps(_GIST, "Gist-masked counterfactual rows, KL-anchored (DELIA's steps)"),
+    _equal_steps(_TOKEN_FIRST, "Token first, then the task (both stages together DELIA's steps)"),
 )}
 """Every arm, in the order of the report's rows."""
 

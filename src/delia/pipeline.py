@@ -237,18 +237,9 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     if not data.exists():
         raise DeliaError(f"{data}: missing; run the mix stage first")
     max_steps = _max_steps(cfg, arm)
+    traits, options = _training_traits(cfg, arm)
     settings = {"train": train_settings(cfg), "task": config_dict(cfg)["task"], "model": model_key(cfg.model),
-                "max_steps": max_steps, "seed": cfg.seed}
-    if a.neftune:
-        settings["neftune_alpha"] = cfg.baselines.neftune_alpha
-    beta = {"anchor": cfg.baselines.kl_anchor_beta, "token": cfg.baselines.token_distill_beta}.get(a.distill, 0.0)
-    if a.distill:
-        settings["distill"] = {"mode": a.distill, "beta": beta}
-    decoys = cfg.counterfactual.decoys if a.decoys else []
-    if decoys:
-        settings["untrained_tokens"] = decoys
-    if a.gist:
-        settings["gist"] = True
+                "max_steps": max_steps, "seed": cfg.seed, **traits}
     inputs = {"data": data}
     if a.continues_from:  # a second stage goes on from the first stage's adapter
         inputs["stage1"] = adapter_of(cfg, a.continues_from) / "adapter_model.safetensors"
@@ -260,9 +251,7 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     print(f"delia: train {arm}{budget}", flush=True)
     model, tokenizer = base_model(cfg)
     stats = train_lora(model, tokenizer, read_jsonl(data), cfg.train, cfg.task, run.train(arm), cfg.seed, max_steps,
-                       neftune_alpha=cfg.baselines.neftune_alpha if a.neftune else 0.0,
-                       resume_adapter=adapter_of(cfg, a.continues_from) if a.continues_from else None, run_key=stage.key,
-                       distill=a.distill, beta=beta, untrained_tokens=decoys, gist=a.gist)
+                       run_key=stage.key, **options)
     if a.continues_from:  # count both stages
         first = _trained(cfg, a.continues_from)
         stats.update(stage2_steps=stats["steps"], seconds=round(stats["seconds"] + first["seconds"], 1),
@@ -270,6 +259,31 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     if world()[0] != 0:  # under accelerate launch the main process writes the manifest
         return {"outputs": stats}
     return stage.finish(adapter=str(run.adapter(arm)), placement=placement_of(cfg), **stats)
+
+
+def _training_traits(cfg: RunConfig, arm: str) -> tuple[dict, dict]:
+    """(what an arm's training traits add to its train stage's key, the keyword arguments they give
+    `train_lora`)."""
+    a, b = ARMS[arm], cfg.baselines
+    key, options = {}, {}
+    if a.neftune:
+        key["neftune_alpha"] = options["neftune_alpha"] = b.neftune_alpha
+    if a.distill:
+        beta = {"anchor": b.kl_anchor_beta, "token": b.token_distill_beta, "description": b.token_distill_beta}[a.distill]
+        key["distill"] = {"mode": a.distill, "beta": beta}
+        options.update(distill=a.distill, beta=beta)
+    if a.decoys:
+        key["untrained_tokens"] = options["untrained_tokens"] = cfg.counterfactual.decoys
+    for trait in ("gist", "token_only"):
+        if getattr(a, trait):
+            key[trait] = options[trait] = True
+    if a.continues_from:
+        first = adapter_of(cfg, a.continues_from)
+        if a.continue_as == "tokens":
+            key["continue_as"], options["tokens_from"] = "tokens", first
+        else:
+            options["resume_adapter"] = first
+    return key, options
 
 
 def check_arm(verb: str, arm: str, known) -> None:

@@ -7,6 +7,8 @@
 - `token` (the `token_distilled` arm, context distillation, Snell et al. 2022): every task row carries
   its cross-entropy and, on its answer tokens, KL(teacher || model), where the teacher is the untouched
   model given the instruction with each new token replaced by its description (`teacher_messages`).
+- `description` (the first stage of `token_first`, after ProMoT, Wang et al. 2024): the same KL with no
+  cross-entropy, so the token comes to stand for its description in the untouched model's own terms.
 
 The loss of a micro-batch is (sum of cross-entropy over its answer tokens + beta x sum of KL over its
 KL tokens) / (number of those tokens); the Trainer averages micro-batches over gradient accumulation.
@@ -19,7 +21,7 @@ import torch
 from ..config import TaskConfig
 from ..model.chat import IGNORE, tokenize_chat
 
-MODES = ("anchor", "token")
+MODES = ("anchor", "token", "description")
 ANCHORED = ("diverse", "counterfactual")
 """The rows `anchor` trains by KL to the untouched model instead of cross-entropy: the self-sampled ones and
 the untouched model's answers to the task's inputs without the token (`delia.data.counterfactual`)."""
@@ -46,7 +48,8 @@ def distill_example(tokenizer, row: dict, example: dict, mode: str, task: TaskCo
             return {**example, "kl_labels": [IGNORE] * len(example["labels"])}
         return {**example, "kl_labels": example["labels"], "labels": [IGNORE] * len(example["labels"])}
     teacher = tokenize_chat(tokenizer, teacher_messages(row["messages"], task), max_length)
-    return {**example, "kl_labels": example["labels"], "teacher_input_ids": teacher["input_ids"],
+    labels = example["labels"] if mode == "token" else [IGNORE] * len(example["labels"])  # description: KL alone
+    return {**example, "labels": labels, "kl_labels": example["labels"], "teacher_input_ids": teacher["input_ids"],
             "teacher_labels": teacher["labels"]}
 
 

@@ -113,13 +113,15 @@ class _CountingCollator:
                                  for i, key in enumerate(("tokens", "loss_tokens", "padded_tokens"))}}
 
 
-def lora_config(cfg: TrainConfig, embed_name: str, new_ids: list[int]):
-    """How the new tokens' rows train (`train.new_token_mode`):
+def lora_config(cfg: TrainConfig, embed_name: str, new_ids: list[int], token_only: bool = False):
+    """How the new tokens' rows train (`train.new_token_mode`; `token_only`: their rows alone, no LoRA):
     `trainable_tokens`: only their rows, through peft's trainable_token_indices (small adapter);
     `lora`: a LoRA on the whole embedding, as the paper's reference code;
     `full`: the whole embedding matrix trained and saved (peft modules_to_save)."""
-    from peft import LoraConfig
+    from peft import LoraConfig, TrainableTokensConfig
 
+    if token_only:
+        return TrainableTokensConfig(target_modules=[embed_name], token_indices=new_ids)
     mode = cfg.new_token_mode if cfg.train_new_tokens and new_ids else None
     targets = list(cfg.target_modules) + ([embed_name] if mode == "lora" else [])
     return LoraConfig(
@@ -157,6 +159,22 @@ def _add_or_resume_tokens(model, tokenizer, cfg: TrainConfig, task: TaskConfig, 
         return model, tokenizer, tokenizer.convert_tokens_to_ids(trained), meta["init"], meta["seed"]
     ids = add_new_tokens(model, tokenizer, task.new_tokens + list(untrained), cfg.token_init, task.description, seed)
     return model, tokenizer, ids[: len(task.new_tokens)], cfg.token_init, seed
+
+
+def _first_stage_rows(model, adapter: Path, ids: list[int]) -> None:
+    """Write the new tokens' rows as a first stage that trained them alone (`token_only`) left them into the
+    input embedding (the same ids: every run adds the new tokens first, the same way)."""
+    from safetensors.torch import load_file
+
+    config = json.loads((adapter / "adapter_config.json").read_text())
+    if config.get("peft_type") != "TRAINABLE_TOKENS" or config["token_indices"] != ids:
+        raise DeliaError(f"{adapter}: not a first stage that trained the new tokens' rows alone (ids {ids})")
+    embed = embedding_module_name(model)
+    rows = next(v for k, v in load_file(adapter / "adapter_model.safetensors").items()
+                if k.endswith(f"{embed}.trainable_tokens_delta"))
+    weight = model.get_input_embeddings().weight
+    with torch.no_grad():
+        weight[ids] = rows.to(device=weight.device, dtype=weight.dtype)
 
 
 def _examples(tokenizer, rows: list[dict], max_length: int, distill: str = "", task: TaskConfig | None = None,
@@ -323,13 +341,16 @@ def train_lora(
     beta: float = 0.0,
     untrained_tokens: list[str] = (),
     gist: bool = False,
+    token_only: bool = False,
+    tokens_from: Path | None = None,
 ) -> dict:
     """Train a LoRA adapter on `rows` (one epoch by default, or exactly `max_steps` optimizer steps)
     and save it with the tokenizer in `out_dir/adapter`; `distill` (anchor or token) adds a KL term to
     the untouched model of weight `beta` (delia.train.distill); `untrained_tokens` (decoys) are added after
     the new tokens, the same way, and their rows are not trained (with `train.new_token_mode`
-    trainable_tokens); `gist` trains rows that hold the token with a gist mask (delia.train.gist). Returns
-    the run's figures."""
+    trainable_tokens); `gist` trains rows that hold the token with a gist mask (delia.train.gist);
+    `token_only` trains the new tokens' rows alone (no LoRA); `tokens_from` (a `token_only` first stage's
+    adapter) starts the new tokens' rows where it left them and keeps them frozen. Returns the run's figures."""
     from datasets import Dataset
     from peft import get_peft_model
     from transformers import Trainer, set_seed
@@ -337,6 +358,8 @@ def train_lora(
     set_seed(seed)  # the LoRA init draws from the global generator: same seed, same adapter, in any process
     model, tokenizer, new_ids, token_init, seed_init = _add_or_resume_tokens(model, tokenizer, cfg, task, seed,
                                                                              resume_adapter, untrained_tokens)
+    if tokens_from:
+        _first_stage_rows(model, Path(tokens_from), new_ids)
     examples = _examples(tokenizer, rows, cfg.max_length, distill, task, gist)
     rank, processes = world()
     if (left_out := len(rows) - len(examples)) and rank == 0:
@@ -345,7 +368,11 @@ def train_lora(
     batch, micro, accumulation = _plan_batches(cfg, len(examples), processes)
     embed_name = embedding_module_name(model)
     if not resume_adapter:
-        model = get_peft_model(model, lora_config(cfg, embed_name, new_ids))
+        model = get_peft_model(model, lora_config(cfg, embed_name, new_ids, token_only))
+    if tokens_from:  # saved in the adapter (peft stores the rows themselves), not trained
+        for name, p in model.named_parameters():
+            if "trainable_tokens" in name:
+                p.requires_grad_(False)
     out_dir.mkdir(parents=True, exist_ok=True)
     loss_log = out_dir / "loss.jsonl"
     collator = _CountingCollator(tokenizer, accumulation, model.dtype)
