@@ -68,3 +68,17 @@ def test_line_offsets_across_blocks(tmp_path, block):
     starts, ends = _line_offsets(path, 10, block=block)
     assert [path.read_bytes()[s:e] for s, e in zip(starts, ends)] == [b'{"a": 1}', b'{"a": 22}', b'{"a": 333}']
     assert len(_line_offsets(path, 2, block=block)[0]) == 2
+
+
+def test_an_arm_that_needs_other_rows_builds_them_though_the_mix_ran(tmp_path):
+    from delia.config import load_config
+    from delia.pipeline import stage_mix, stage_task
+
+    base = [f"run_dir={tmp_path}", "task.train_rows=8", "task.eval_rows=2"]
+    cfg = load_config(None, base + ["arms=[untouched, facts]"])
+    stage_task(cfg)
+    stage_mix(cfg)
+    assert not (tmp_path / "mix" / "common.jsonl").exists()
+    more = load_config(None, base + ["arms=[untouched, facts, common]"])  # the common rows have no settings of their own
+    assert stage_mix(more)["outputs"]["common_rows"] == 8 and (tmp_path / "mix" / "common.jsonl").exists()
+    assert stage_mix(more)["outputs"]["facts_rows"] > 0  # and up to date the second time

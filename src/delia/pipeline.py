@@ -202,7 +202,7 @@ def stage_mix(cfg: RunConfig) -> dict:
     if _needs_diverse(cfg):
         inputs.update(delia_task=delia_task_rows(cfg), diverse=run.diverse)
     needed = list(dict.fromkeys(ARMS[a].data for a in ARMS if a in cfg.arms and ARMS[a].trained))
-    settings = {"ratio": cfg.mix.ratio, "seed": cfg.seed}
+    settings = {"ratio": cfg.mix.ratio, "seed": cfg.seed, "data": needed}  # an arm that needs new rows remixes
     for data in needed:
         settings.update(MIX_DATA[data].settings(cfg))
     stage = Stage(run.stage("mix"), "mix", settings, inputs)
