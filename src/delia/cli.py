@@ -67,6 +67,8 @@ def _parser() -> argparse.ArgumentParser:
     v.add_argument("--api-key-env", default="", help="require the key held by this environment variable")
     v.add_argument("--max-tokens", type=int, default=1024, help="the most new tokens a request may ask for (default 1024)")
     for command in sub.choices.values():
+        command.add_argument("--wait", action="store_true",
+                             help="a stage another process is running is waited for (default: refused in one line)")
         loud = command.add_mutually_exclusive_group()
         loud.add_argument("--quiet", action="store_true",
                           help="no progress bars, per-step training logs or library messages: delia's own lines only")
@@ -207,8 +209,11 @@ def main(argv: list[str] | None = None) -> int:
     os.environ.setdefault("TOKENIZERS_PARALLELISM", "false")
     loudness(args.quiet, args.verbose)
     try:
+        from . import runfolder
         from .config import load_config
         from .runfolder import world
+
+        runfolder.WAIT = args.wait
 
         if args.verb == "data":
             from pathlib import Path

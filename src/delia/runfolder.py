@@ -120,16 +120,65 @@ def differences(old: Any, new: Any, name: str = "") -> list[str]:
     return [] if old == new else [name]
 
 
+WAIT = False
+"""Set by `--wait`: a stage that another process is running is waited for instead of refused."""
+_HELD: dict[Path, int] = {}
+"""The stage locks this process holds: lock file -> its descriptor."""
+
+
+def _lock_file(folder: Path) -> Path:
+    """Where a stage folder's lock lives: outside the run folder (a refused or failed stage leaves nothing
+    there), one file per folder, per user, on this machine."""
+    digest = hashlib.sha256(str(folder.resolve()).encode()).hexdigest()[:20]
+    return Path(tempfile.gettempdir()) / f"delia-locks-{getattr(os, 'getuid', lambda: 0)()}" / f"{digest}.lock"
+
+
+def lock_stage(folder: Path, name: str) -> Path | None:
+    """Hold the lock of a stage folder (`fcntl.flock`) so that no two processes work in it at once; the
+    kernel releases it when the holder ends, killed or not. Another holder: one line naming it (status 2),
+    or, with `WAIT`, wait for it. Returns the lock to release, or None when this process holds it already."""
+    import fcntl
+
+    path = _lock_file(folder)
+    if path in _HELD:
+        return None
+    path.parent.mkdir(parents=True, exist_ok=True)
+    fd = os.open(path, os.O_RDWR | os.O_CREAT, 0o644)
+    try:
+        fcntl.flock(fd, fcntl.LOCK_EX | fcntl.LOCK_NB)
+    except BlockingIOError:
+        holder = os.pread(fd, 32, 0).decode("ascii", errors="replace").strip() or "?"
+        if not WAIT:
+            os.close(fd)
+            raise DeliaError(f"{folder}: stage {name} is running in process {holder}; one process works in a stage "
+                             "folder at a time (wait for it to end, or pass --wait)") from None
+        print(f"delia: {name}: running in process {holder}; waiting for it", flush=True)
+        fcntl.flock(fd, fcntl.LOCK_EX)
+    os.ftruncate(fd, 0)
+    os.pwrite(fd, f"{os.getpid()}\n".encode(), 0)
+    _HELD[path] = fd
+    return path
+
+
+def unlock_stage(lock: Path | None) -> None:
+    fd = _HELD.pop(lock, None) if lock else None
+    if fd is not None:
+        os.close(fd)
+
+
 class Stage:
     """Times one stage and writes its manifest (inputs with hashes, settings, versions, times).
 
     A stage whose manifest already holds the same key (settings + input hashes) is complete, so
-    `delia run` skips it on a rerun; a changed input or setting makes it run again.
+    `delia run` skips it on a rerun; a changed input or setting makes it run again. From its start until it
+    finishes (or the object goes), the stage holds its folder's lock (`lock_stage`; the main process only,
+    under `accelerate launch`).
     """
 
     def __init__(self, folder: str | Path, name: str, settings: dict, inputs: dict[str, str | Path] | None = None):
         self.folder = Path(folder)
         self.name = name
+        self._lock = lock_stage(self.folder, name) if world()[0] == 0 else None
         self.settings = settings
         for path in (inputs or {}).values():
             if not Path(path).is_file():
@@ -174,7 +223,16 @@ class Stage:
             "seconds": round(finished - self.started, 2),
         }
         write_json(self.folder / MANIFEST, manifest)
+        self.release()
         return manifest
+
+    def release(self) -> None:
+        """Let another process work in this stage's folder."""
+        unlock_stage(getattr(self, "_lock", None))  # also for a stage whose start was refused
+        self._lock = None
+
+    def __del__(self):
+        self.release()
 
 
 class RunFolder:
