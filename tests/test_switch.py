@@ -188,3 +188,48 @@ def test_token_first_trains_the_row_alone_then_the_task_with_that_row_frozen(tin
     stage2, tok2 = arm_model(cfg, "token_first")
     merged = stage2.merge_and_unload().get_input_embeddings().weight
     assert tok2.convert_tokens_to_ids("<sep>") == sep and torch.equal(merged[sep], row1)  # frozen in stage 2
+
+
+def test_the_steering_vector_changes_only_what_follows_the_token(tiny):
+    import torch
+
+    from delia.config import TaskConfig
+    from delia.model.generate import LocalGenerator, Request
+    from delia.model.steering import SteeringGenerator, decoder_layers, steering_vector
+    from delia.model.tokens import add_new_tokens
+
+    model, tokenizer = tiny
+    add_new_tokens(model, tokenizer, ["<sep>", "<ctl>"], "mean")
+    task = TaskConfig()
+    rows = [{"messages": [{"role": "user", "content": f"Question: What is {n} + 1?\nAnswer: {n + 2}.\n\nReply in the <sep> format."},
+                          {"role": "assistant", "content": "{}"}]} for n in range(4)]
+    layer = len(decoder_layers(model)) // 2
+    vector = steering_vector(model, tokenizer, rows, task, layer)
+    assert vector.shape == (model.config.hidden_size,) and vector.norm() > 0
+    sep = tokenizer.convert_tokens_to_ids("<sep>")
+    steer = SteeringGenerator(model, tokenizer, 50 * vector, layer, [sep], batch_size=2)
+    ids = steer.prompt_ids(rows[0]["messages"][:-1])
+    at = ids.index(sep)
+    x = torch.tensor([ids])
+    with torch.no_grad():
+        plain = model(input_ids=x).logits[0]
+        with steer._steered(torch.tensor([[i == at for i in range(len(ids))]])):
+            steered = model(input_ids=x).logits[0]
+    assert torch.equal(plain[:at], steered[:at]) and not torch.allclose(plain[at:], steered[at:], atol=1e-3)
+    # prompts without the token (a general query, the never-trained <ctl> in its place) are the model's own
+    requests = [Request(key="a", messages=[{"role": "user", "content": "Name three colours."}]),
+                Request(key="b", messages=[{"role": "user", "content": rows[1]["messages"][0]["content"].replace("<sep>", "<ctl>")}])]
+    plain_answers = [x for batch in LocalGenerator(model, tokenizer, 2).batches(requests, 6, 0.7, 0.95, 3) for x in batch]
+    steered_answers = [x for batch in steer.batches(requests, 6, 0.7, 0.95, 3) for x in batch]
+    assert [(r.key, t, n) for r, t, n in plain_answers] == [(r.key, t, n) for r, t, n in steered_answers]
+
+
+def test_the_steering_arm_is_evaluated_with_every_control(tiny_model_dir, tmp_path):
+    from delia.pipeline import run_all
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "arms=[untouched, init_mean, steering]")
+    run_all(cfg)
+    metrics = {arm: json.loads((tmp_path / "eval" / arm / "metrics.json").read_text()) for arm in ("init_mean", "steering")}
+    assert metrics["steering"]["switch"]["n"] == 2 and set(metrics["steering"]) >= {"negated", "other_token", "leakage"}
+    # general queries hold no token: the steered model drifts exactly as the same model with the token added
+    assert metrics["steering"]["drift"] == metrics["init_mean"]["drift"]

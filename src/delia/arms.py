@@ -60,8 +60,9 @@ class Arm:
     """Untrained: the new tokens are added with this init and nothing is trained."""
     prompt: str = ""
     """A rewrite of the evaluation prompts (`delia.data.baselines.PROMPTS[PROMPT]`); empty = the rows as they are."""
-    decoding: Literal["plain", "arithmetic"] = "plain"
-    """`arithmetic`: model arithmetic over prompts with and without the description."""
+    decoding: Literal["plain", "arithmetic", "steering"] = "plain"
+    """`arithmetic`: model arithmetic over prompts with and without the description; `steering`: a steering
+    vector added where the token stands (`delia.model.steering`)."""
     task_kinds: tuple[str, ...] = ("formatted", "translation")
     backends: tuple[str, ...] = ALL_BACKENDS
     """Generation backends that can evaluate it."""
@@ -116,6 +117,8 @@ ARMS: dict[str, Arm] = {a.name: a for a in (
     Arm("init_mean", "New token, mean init (untrained)", token_init="mean", backends=_LOCAL),
     Arm("init_description", "New token, description init (untrained)", token_init="description", backends=_LOCAL),
     Arm("arithmetic", "Model arithmetic (untrained)", decoding="arithmetic", backends=_LOCAL),
+    Arm("steering", "Steering vector at the token (untrained)", token_init="mean", decoding="steering", backends=_LOCAL,
+        task_kinds=("formatted",)),
     _COMMON, _NEFTUNE, _FACTS, _DMT, _TOKEN_DISTILLED, _SELF_DISTILLED,
     # DELIA's rows, its diverse rows trained towards the untouched model's distribution instead of their
     # sampled answers: as many steps as DELIA by construction, so in both tables

@@ -100,4 +100,13 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int, extra_tokens: tuple
         from .arithmetic import ArithmeticGenerator
 
         return ArithmeticGenerator(model, tokenizer, cfg.task, cfg.baselines.arithmetic_lambda, batch_size)
+    if a.decoding == "steering":  # the vector from 16 training rows, at the middle block
+        from ..runfolder import read_jsonl
+        from .steering import SteeringGenerator, decoder_layers, steering_vector
+
+        layer = len(decoder_layers(model)) // 2
+        rows = read_jsonl(RunFolder(cfg.run_dir).task_train)[:16]
+        vector = steering_vector(model, tokenizer, rows, cfg.task, layer)
+        return SteeringGenerator(model, tokenizer, vector, layer, tokenizer.convert_tokens_to_ids(cfg.task.new_tokens),
+                                 batch_size)
     return LocalGenerator(model, tokenizer, batch_size)
