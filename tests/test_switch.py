@@ -233,3 +233,18 @@ def test_the_steering_arm_is_evaluated_with_every_control(tiny_model_dir, tmp_pa
     assert metrics["steering"]["switch"]["n"] == 2 and set(metrics["steering"]) >= {"negated", "other_token", "leakage"}
     # general queries hold no token: the steered model drifts exactly as the same model with the token added
     assert metrics["steering"]["drift"] == metrics["init_mean"]["drift"]
+
+
+def test_an_evaluation_row_among_the_training_rows_stops_the_counterfactual_mix(tiny_model_dir, tmp_path):
+    from delia import DeliaError
+    from delia.pipeline import stage_mix, stage_sample, stage_task
+
+    cfg = _cfg(tiny_model_dir, tmp_path, "arms=[untouched, counterfactual]")
+    stage_task(cfg)
+    stage_sample(cfg)
+    train, evals = tmp_path / "task" / "train.jsonl", tmp_path / "task" / "eval.jsonl"
+    lines = train.read_text().splitlines()
+    train.write_text("\n".join([evals.read_text().splitlines()[0]] + lines[1:]) + "\n")  # a leak the task stage never makes
+    with pytest.raises(DeliaError, match="an evaluation row is among the training rows"):
+        stage_mix(cfg)
+    assert not (tmp_path / "mix" / "counterfactual.jsonl").exists()

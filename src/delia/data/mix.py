@@ -190,7 +190,7 @@ def _mix_counterfactual(cfg: RunConfig, task_rows: list[dict]) -> dict:
     of the training rows (`delia.data.counterfactual`), shuffled together with the seed."""
     from collections import Counter
 
-    from .counterfactual import counterfactual_rows
+    from .counterfactual import counterfactual_rows, row_key
 
     run = RunFolder(cfg.run_dir)
     rows = [{"messages": r["messages"], "source": "task"} for r in read_jsonl(delia_task_rows(cfg))]
@@ -198,7 +198,11 @@ def _mix_counterfactual(cfg: RunConfig, task_rows: list[dict]) -> dict:
     diverse = read_jsonl(run.diverse)[:n_diverse]  # as mix_files copies them: every key kept
     if len(diverse) < n_diverse:
         raise _too_few(cfg.mix.ratio, len(rows), n_diverse, len(diverse))
-    rows += diverse + counterfactual_rows(task_rows, cfg, run.stage("mix"))
+    extra = counterfactual_rows(task_rows, cfg, run.stage("mix"))
+    evaluated = {row_key(r) for r in read_jsonl(run.task_eval)}
+    if sum(r["of"] in evaluated for r in extra):  # what an arm trains on is never what the evaluation tests
+        raise DeliaError(f"{run.task_eval}: an evaluation row is among the training rows the counterfactual rows rewrite")
+    rows += diverse + extra
     write_jsonl(run.mix("counterfactual"), [rows[i] for i in _order(len(rows), cfg.seed)])
     kinds = Counter(r.get("kind", r["source"]) for r in rows)
     return {"counterfactual_rows": len(rows), "counterfactual_kinds": dict(sorted(kinds.items()))}
