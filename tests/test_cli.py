@@ -115,3 +115,18 @@ def test_quiet_default_and_verbose_say_what_they_promise(tiny_model_dir, tmp_pat
     assert "analyze: 100%" in default and "{'loss'" in default  # progress bars, the analysis stage's too
     assert "is_gradient_checkpointing" not in default and "pin_memory" not in default
     assert "is_gradient_checkpointing" in verbose  # the libraries' notices, shown on request
+
+
+@pytest.mark.parametrize("args, words", [
+    (["sample", "c.yaml"], "run/task/train.jsonl: missing; run the task stage first"),
+    (["serve", "c.yaml", "--faults", "5"], "--faults 5.0: a share of requests, from 0 to 1"),
+    (["serve", "c.yaml", "--faults", "nan"], "--faults nan"),
+    (["serve", "c.yaml", "--faults", "-1"], "--faults -1.0"),
+    (["serve", "c.yaml", "--adapter", "c.yaml"], "--adapter c.yaml: not a trained arm's adapter folder"),
+    (["serve", "c.yaml", "--adapter", "nowhere"], "--adapter nowhere: not a trained arm's adapter folder"),
+])
+def test_a_stage_before_its_input_and_bad_serve_arguments_are_one_line_before_any_model_loads(tmp_path, args, words):
+    (tmp_path / "c.yaml").write_text("run_dir: run\nmodel:\n  name: no/such-model\n")  # loading it would fail otherwise
+    out = _delia(*args, "--port", "0", cwd=tmp_path) if args[0] == "serve" else _delia(*args, cwd=tmp_path)
+    assert out.returncode == 2 and "Traceback" not in out.stderr and out.stderr.count("\n") == 1, out.stderr
+    assert words in out.stderr, out.stderr

@@ -130,12 +130,20 @@ def _check_address(host: str, port: int) -> None:
 
 
 def _serve(cfg, args) -> None:
+    from pathlib import Path
+
+    from .model.adapter import TOKENS_FILE
     from .model.loading import load_model, model_source
     from .serve import serve
 
     _check_address(args.host, args.port)
     if args.max_tokens < 1:
         raise DeliaError(f"--max-tokens {args.max_tokens}: must be >= 1")
+    if not 0 <= args.faults <= 1:  # also refuses nan
+        raise DeliaError(f"--faults {args.faults}: a share of requests, from 0 to 1")
+    if args.adapter and not all((Path(args.adapter) / name).is_file() for name in ("adapter_config.json", TOKENS_FILE)):
+        raise DeliaError(f"--adapter {args.adapter}: not a trained arm's adapter folder (it holds adapter_config.json "
+                         f"and {TOKENS_FILE}; e.g. runs/demo/train/delia/adapter)")
     key = os.environ.get(args.api_key_env, "") if args.api_key_env else ""
     if args.api_key_env and not key:
         raise DeliaError(f"--api-key-env {args.api_key_env}: that environment variable is empty")

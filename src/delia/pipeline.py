@@ -120,7 +120,9 @@ def _query_inputs(cfg: RunConfig) -> dict:
 
 
 def stage_sample(cfg: RunConfig) -> dict:
-    n_task = len(read_jsonl(delia_task_rows(cfg)))
+    if not (rows := delia_task_rows(cfg)).exists():
+        raise DeliaError(f"{rows}: missing; run the {rows.parent.name} stage first (`delia {rows.parent.name} CONFIG`)")
+    n_task = len(read_jsonl(rows))
     want = cfg.sample.max_queries or diverse_count(cfg.mix.ratio, n_task)
     folder = paths(cfg).stage("sample")
     settings = {"sample": config_dict(cfg)["sample"], "model": model_key(cfg.model), "n": want, "seed": cfg.seed,
