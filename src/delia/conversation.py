@@ -10,6 +10,18 @@ def first_user_turn(messages: list[dict]) -> dict:
     return next(m for m in messages if m["role"] == "user")
 
 
+def replace_in_user_turns(messages: list[dict], replacements: dict[str, str]) -> list[dict]:
+    """The conversation with each key of `replacements` replaced by its value in every user turn, in order."""
+    out = []
+    for m in messages:
+        text = m["content"]
+        if m["role"] == "user":
+            for old, new in replacements.items():
+                text = text.replace(old, new)
+        out.append({**m, "content": text})
+    return out
+
+
 def wording_of(messages: list[dict]) -> str:
     """The instruction paragraph of the first user turn (its last paragraph)."""
     return first_user_turn(messages)["content"].rstrip().split("\n\n")[-1].strip()

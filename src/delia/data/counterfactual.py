@@ -19,7 +19,7 @@ from __future__ import annotations
 
 from pathlib import Path
 
-from ..config import RunConfig, model_key
+from ..config import RunConfig
 from ..conversation import set_wording
 from ..evaluate.controls import without_token_sentences
 from ..runfolder import fingerprint
@@ -59,28 +59,22 @@ def counterfactual_rows(rows: list[dict], cfg: RunConfig, folder: Path) -> list[
     from ..model.backends import make_generator
     from ..model.generate import Request
     from .generation_cache import generate_cached
+    from .sample import cut_fields, request_key, usable
 
     s = cfg.sample
-    settings = {"model": model_key(cfg.model), "style": "plain", "max_new_tokens": s.max_new_tokens,
-                "temperature": s.temperature, "top_p": s.top_p, "seed": cfg.seed}  # as `sample` keys its requests
     found = variants(rows, cfg)
-    asked = [v for v in found if v["kind"] in ANSWERED]
-    requests = [Request(key=fingerprint({**settings, "prompt": v["messages"]}), messages=v["messages"]) for v in asked]
+    requests = [Request(key=request_key(cfg.model, s, cfg.seed, v["messages"], "plain"), messages=v["messages"])
+                for v in found if v["kind"] in ANSWERED]
     folder.mkdir(parents=True, exist_ok=True)
     answers, _ = generate_cached(requests, folder / "counterfactual_cache.jsonl",
                                  lambda: make_generator(cfg.model, cfg.generation, s.batch_size),
                                  s.max_new_tokens, s.temperature, s.top_p, cfg.seed, desc="counterfactual")
-    by_prompt = {id(v): answers[r.key] for v, r in zip(asked, requests)}
+    answered = (answers[r.key] for r in requests)  # in the order of the answered variants
     out = []
     for v in found:
         if v["kind"] == "bare":
             out.append({"messages": v["messages"], "source": "task", "kind": "bare", "of": v["of"]})
-            continue
-        answer = by_prompt[id(v)]
-        ended = answer["tokens"] < s.max_new_tokens
-        if not answer["answer"] or (s.cut_answers == "drop" and not ended):
-            continue
-        out.append({"messages": v["messages"] + [{"role": "assistant", "content": answer["answer"]}],
-                    "source": "counterfactual", "kind": v["kind"], "of": v["of"], "ended": ended}
-                   | ({"open_end": True} if s.cut_answers == "mask" and not ended else {}))
+        elif usable(answer := next(answered), s):
+            out.append({"messages": v["messages"] + [{"role": "assistant", "content": answer["answer"]}],
+                        "source": "counterfactual", "kind": v["kind"], "of": v["of"], **cut_fields(answer, s)})
     return out

@@ -200,7 +200,7 @@ def _mix_counterfactual(cfg: RunConfig, task_rows: list[dict]) -> dict:
         raise _too_few(cfg.mix.ratio, len(rows), n_diverse, len(diverse))
     extra = counterfactual_rows(task_rows, cfg, run.stage("mix"))
     evaluated = {row_key(r) for r in read_jsonl(run.task_eval)}
-    if sum(r["of"] in evaluated for r in extra):  # what an arm trains on is never what the evaluation tests
+    if any(r["of"] in evaluated for r in extra):  # what an arm trains on is never what the evaluation tests
         raise DeliaError(f"{run.task_eval}: an evaluation row is among the training rows the counterfactual rows rewrite")
     rows += diverse + extra
     write_jsonl(run.mix("counterfactual"), [rows[i] for i in _order(len(rows), cfg.seed)])

@@ -37,6 +37,29 @@ def build_prompt(conversation: list[dict], style: str, where: str) -> tuple[str,
     ]
 
 
+def request_key(model_cfg: ModelConfig, cfg: SampleConfig, seed: int, prompt: list[dict], style: str) -> str:
+    """A self-sampled answer's cache key: the model, the sampling settings, the seed and the prompt."""
+    return fingerprint({"model": model_key(model_cfg), "style": style, "max_new_tokens": cfg.max_new_tokens,
+                        "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed, "prompt": prompt})
+
+
+def ended(answer: dict, cfg: SampleConfig) -> bool:
+    """The answer ended by itself, before `max_new_tokens`."""
+    return answer["tokens"] < cfg.max_new_tokens
+
+
+def usable(answer: dict, cfg: SampleConfig) -> bool:
+    """Not empty, and with `cut_answers: drop`, not cut."""
+    return bool(answer["answer"]) and (cfg.cut_answers != "drop" or ended(answer, cfg))
+
+
+def cut_fields(answer: dict, cfg: SampleConfig) -> dict:
+    """What a row says of its answer's end: `ended`, and `open_end` (no loss on the end-of-turn) for a cut
+    answer under `cut_answers: mask`."""
+    whole = ended(answer, cfg)
+    return {"ended": whole} | ({"open_end": True} if cfg.cut_answers == "mask" and not whole else {})
+
+
 def sample_diverse(
     conversations: list[list[dict]],
     model_cfg: ModelConfig,
@@ -51,23 +74,15 @@ def sample_diverse(
     ended by itself (`ended`) and, when `cut_answers` is `mask` and it did not, that its end-of-turn
     carries no loss (`open_end`). Returns (path, stats)."""
     out_dir.mkdir(parents=True, exist_ok=True)
-    settings = {"model": model_key(model_cfg), "style": cfg.prompt_style, "max_new_tokens": cfg.max_new_tokens,
-                "temperature": cfg.temperature, "top_p": cfg.top_p, "seed": seed}
     requests, queries = [], []
     done: dict = {}
     cached = None
-    def ended(answer: dict) -> bool:
-        return answer["tokens"] < cfg.max_new_tokens
-
-    def usable(answer: dict) -> bool:
-        return bool(answer["answer"]) and (cfg.cut_answers != "drop" or ended(answer))
-
     # an unusable answer gives no row: ask the next queries until n rows are in hand (or the queries end)
-    while (have := sum(usable(done[r.key]) for r in requests)) < n and len(requests) < len(conversations):
+    while (have := sum(usable(done[r.key], cfg) for r in requests)) < n and len(requests) < len(conversations):
         for i in range(len(requests), min(len(requests) + n - have, len(conversations))):
             query, prompt = build_prompt(conversations[i], cfg.prompt_style, f"query {i + 1}")
             queries.append(query)
-            requests.append(Request(key=fingerprint({**settings, "prompt": prompt}), messages=prompt))
+            requests.append(Request(key=request_key(model_cfg, cfg, seed, prompt, cfg.prompt_style), messages=prompt))
         done, from_cache = generate_cached(
             requests, out_dir / "cache.jsonl",
             lambda: make_generator(model_cfg, generation or GenerationConfig(), cfg.batch_size),
@@ -75,10 +90,9 @@ def sample_diverse(
         cached = from_cache if cached is None else cached
     rows = [
         {"messages": [{"role": "user", "content": q}, {"role": "assistant", "content": done[r.key]["answer"]}],
-         "source": "diverse", "prompt_style": cfg.prompt_style, "ended": ended(done[r.key])}
-        | ({"open_end": True} if cfg.cut_answers == "mask" and not ended(done[r.key]) else {})
+         "source": "diverse", "prompt_style": cfg.prompt_style, **cut_fields(done[r.key], cfg)}
         for q, r in zip(queries, requests)
-        if usable(done[r.key])
+        if usable(done[r.key], cfg)
     ][:n]
     path = out_dir / "diverse.jsonl"
     write_jsonl(path, rows)
@@ -86,7 +100,7 @@ def sample_diverse(
     stats = {"rows": len(rows), "requested": len(requests),
              "empty_answers": sum(not done[r.key]["answer"] for r in requests),
              "cut_rows": cut, "cut_share": round(cut / len(rows), 4) if rows else 0.0,
-             "cut_asked": sum(bool(done[r.key]["answer"]) and not ended(done[r.key]) for r in requests),
+             "cut_asked": sum(bool(done[r.key]["answer"]) and not ended(done[r.key], cfg) for r in requests),
              "cut_answers": cfg.cut_answers,
              "generated_tokens": sum(done[r.key]["tokens"] for r in requests),
              "resumed_from_cache": cached or 0}

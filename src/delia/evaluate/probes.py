@@ -104,13 +104,13 @@ def _controls(ev: Evaluation) -> tuple[dict, Files]:
     from .formatted import evaluate_formatted
 
     cfg = ev.cfg
-    rows = ev.prompted(control_rows(ev.eval_rows, cfg.task, cfg.controls))
-    if cfg.generation.backend not in WEIGHTS_HERE:
-        rows = [r for r in rows if r["group"] != "other_token"]
+    here = cfg.generation.backend in WEIGHTS_HERE
+    rows = [r for r in ev.prompted(control_rows(ev.eval_rows, cfg.task, cfg.controls))
+            if here or r["group"] != "other_token"]
     if not rows:
         return {}, {"controls.jsonl": []}
     other = ev.generator
-    if cfg.generation.backend in WEIGHTS_HERE:
+    if here:
         other = arm_generator(cfg, ev.arm, cfg.evaluate.batch_size, extra_tokens=(cfg.controls.other_token,))
         if ARMS[ev.arm].decoding == "arithmetic":
             other.lam = ev.generator.lam  # the lambda the evaluation used
@@ -222,10 +222,9 @@ def evaluate_arm(cfg: RunConfig, arm: str, probes: list[str], folder: Path, expo
     run = RunFolder(cfg.run_dir)
     eval_rows, train_rows = read_jsonl(run.task_eval), read_jsonl(run.task_train)
     tokenizer = load_tokenizer(model_source(cfg.model), cfg.model.trust_remote_code)
+    prompted = (lambda rows: rewrite(cfg, rows, train_rows)) if rewrite else (lambda rows: rows)
     ev = Evaluation(cfg, arm, arm_generator(cfg, arm, cfg.evaluate.batch_size, export=export), eval_rows, train_rows,
-                    answer_budget(tokenizer, eval_rows + train_rows, cfg.evaluate))
-    if rewrite:
-        ev.prompted, ev.prompted_general = (lambda rows: rewrite(cfg, rows, train_rows)), rewrite_general
+                    answer_budget(tokenizer, eval_rows + train_rows, cfg.evaluate), prompted, bool(rewrite) and rewrite_general)
     tuning = tune_arithmetic(ev) if ARMS[arm].decoding == "arithmetic" and cfg.baselines.arithmetic_lambdas else {}
     metrics, files = {}, {}
     for name in probes:

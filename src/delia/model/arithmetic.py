@@ -11,19 +11,13 @@ from typing import Iterator, Sequence
 import torch
 
 from ..config import TaskConfig
+from ..conversation import replace_in_user_turns
 from .generate import LocalGenerator, Request, batch_seed
 
 
 def describe_tokens(messages: list[dict], task: TaskConfig) -> list[dict]:
     """The prompt of M_desc: each new token in the user turns followed by "(DESCRIPTION)"."""
-    out = []
-    for m in messages:
-        text = m["content"]
-        if m["role"] == "user":
-            for token in task.new_tokens:
-                text = text.replace(token, f"{token} ({task.description})")
-        out.append({**m, "content": text})
-    return out
+    return replace_in_user_turns(messages, {t: f"{t} ({task.description})" for t in task.new_tokens})
 
 
 class ArithmeticGenerator(LocalGenerator):

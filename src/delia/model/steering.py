@@ -15,23 +15,14 @@ from typing import Iterator, Sequence
 import torch
 
 from ..config import TaskConfig
-from .generate import LocalGenerator, Request
+from ..conversation import replace_in_user_turns
+from .generate import LocalGenerator, Request, length_sorted_chunks, request_ids
 
 
 def decoder_layers(model) -> torch.nn.ModuleList:
     """The model's decoder blocks (`model.model.layers` for Llama- and Gemma-shaped models)."""
     inner = getattr(model, "model", model)
     return getattr(inner, "layers", None) or inner.model.layers
-
-
-def _described(messages: list[dict], task: TaskConfig) -> list[dict]:
-    return [{**m, "content": _replace(m["content"], task) if m["role"] == "user" else m["content"]} for m in messages]
-
-
-def _replace(text: str, task: TaskConfig) -> str:
-    for token in task.new_tokens:
-        text = text.replace(token, task.description)
-    return text
 
 
 def steering_vector(model, tokenizer, rows: list[dict], task: TaskConfig, layer: int) -> torch.Tensor:
@@ -46,7 +37,7 @@ def steering_vector(model, tokenizer, rows: list[dict], task: TaskConfig, layer:
             prompt = row["messages"][:-1]
             plain = gen.prompt_ids(prompt)
             at = max(i for i, t in enumerate(plain) if t in ids)
-            described = gen.prompt_ids(_described(prompt, task))
+            described = gen.prompt_ids(replace_in_user_turns(prompt, dict.fromkeys(task.new_tokens, task.description)))
             # the description ends where the text after the token begins (both prompts end the same way)
             end = len(described) - (len(plain) - at)
             states = [model(input_ids=torch.tensor([p], device=model.device), output_hidden_states=True)
@@ -81,18 +72,13 @@ class SteeringGenerator(LocalGenerator):
 
     def batches(self, requests: Sequence[Request], max_new_tokens: int, temperature: float = 0.0,
                 top_p: float = 1.0, seed: int = 0, should_stop=None) -> Iterator[list[tuple[Request, str, int]]]:
-        for chunk in self._chunks(requests):
-            width = max(len(self.prompt_ids(r.messages)) for r in chunk)
+        """LocalGenerator's batches (the same, sorted by prompt length), each steered where its prompts
+        (left-padded to the batch's width) hold a new token."""
+        encoded = [(request_ids(self.tokenizer, r), r) for r in requests]
+        for chunk in length_sorted_chunks(encoded, self.batch_size):
+            width = max(len(ids) for ids, _ in chunk)
             where = torch.zeros(len(chunk), width, dtype=torch.bool)
-            for i, r in enumerate(chunk):  # prompts are left-padded to the batch's width
-                ids = self.prompt_ids(r.messages)
+            for i, (ids, _) in enumerate(chunk):
                 where[i, width - len(ids):] = torch.isin(torch.tensor(ids), torch.tensor(self.token_ids))
             with self._steered(where.to(self.model.device)):
-                yield from super().batches(chunk, max_new_tokens, temperature, top_p, seed, should_stop)
-
-    def _chunks(self, requests: Sequence[Request]) -> Iterator[list[Request]]:
-        """The requests in the batches LocalGenerator would make of them (sorted by prompt length)."""
-        from .generate import length_sorted_chunks
-
-        for chunk in length_sorted_chunks([(self.prompt_ids(r.messages), r) for r in requests], self.batch_size):
-            yield [r for _, r in chunk]
+                yield from super().batches([r for _, r in chunk], max_new_tokens, temperature, top_p, seed, should_stop)

@@ -19,6 +19,7 @@ from __future__ import annotations
 import torch
 
 from ..config import TaskConfig
+from ..conversation import replace_in_user_turns
 from ..model.chat import IGNORE, tokenize_chat
 
 MODES = ("anchor", "token", "description")
@@ -30,14 +31,7 @@ the untouched model's answers to the task's inputs without the token (`delia.dat
 def teacher_messages(messages: list[dict], task: TaskConfig) -> list[dict]:
     """The conversation as the teacher sees it: each new token in the user turns replaced by the
     description, so the teacher reads what the token is meant to say."""
-    out = []
-    for m in messages:
-        text = m["content"]
-        if m["role"] == "user":
-            for token in task.new_tokens:
-                text = text.replace(token, task.description)
-        out.append({**m, "content": text})
-    return out
+    return replace_in_user_turns(messages, dict.fromkeys(task.new_tokens, task.description))
 
 
 def distill_example(tokenizer, row: dict, example: dict, mode: str, task: TaskConfig, max_length: int) -> dict:

@@ -48,7 +48,7 @@ def gist_attention(mask: torch.Tensor, gists: list[list[int]], dtype: torch.dtyp
     allowed = torch.ones(width, width, dtype=torch.bool).tril()[None].repeat(batch, 1, 1)
     allowed &= mask.bool()[:, None, :]
     for b, gist in enumerate(gists):
-        if gist and len(gist) > 1:
+        if len(gist) > 1:  # a token with words before it
             allowed[b, gist[0] + 1:, torch.tensor(gist[1:])] = False
     out = torch.zeros(batch, 1, width, width, dtype=dtype)
     return out.masked_fill(~allowed[:, None], torch.finfo(dtype).min)
