@@ -111,7 +111,7 @@ def test_the_gist_mask_hides_exactly_the_instruction_words_before_the_token(tiny
 
     from delia.model.chat import tokenize_chat
     from delia.model.tokens import add_new_tokens
-    from delia.train.gist import gist_attention, gist_positions
+    from delia.model.gist import gist_attention, gist_positions
 
     model, tokenizer = tiny
     add_new_tokens(model, tokenizer, ["<sep>"], "random")
@@ -138,6 +138,47 @@ def test_the_gist_mask_hides_exactly_the_instruction_words_before_the_token(tiny
             torch.ones(1, len(ids), dtype=torch.long), [gist], torch.float32)).logits[0]
     assert torch.allclose(plain[: token + 1], masked[: token + 1], atol=1e-5)
     assert not torch.allclose(plain[token + 1:], masked[token + 1:], atol=1e-3)
+
+
+def test_gist_decoding_applies_the_training_mask_to_every_generated_token(tiny):
+    """GistGenerator (cached, batched, left-padded) gives what the training mask gives when the whole
+    sequence is recomputed at every step; a prompt without the token decodes as LocalGenerator does."""
+    import torch
+
+    from delia.model.generate import LocalGenerator, Request, request_ids
+    from delia.model.gist import GistGenerator, gist_attention, gist_positions
+    from delia.model.tokens import add_new_tokens
+
+    model, tokenizer = tiny
+    add_new_tokens(model, tokenizer, ["<sep>"], "random")
+    torch.manual_seed(0)
+    with torch.no_grad():  # weights wide enough that greedy decoding leaves the newline it starts on
+        for p in model.parameters():
+            p.normal_(0, 0.3)
+    with_token = [{"role": "user", "content": "Question: What is 2 + 2?\nAnswer: 4.\n\nCheck it and reply in the <sep> format."}]
+    without = [{"role": "user", "content": "Give three tips for staying healthy."}]
+    requests = [Request("a", with_token), Request("b", without)]
+    got = {r.key: text for batch in GistGenerator(model, tokenizer, ["<sep>"], batch_size=2).batches(requests, 12)
+           for r, text, _ in batch}
+
+    def recomputed(messages):
+        ids = request_ids(tokenizer, Request("", messages))
+        gist = gist_positions(tokenizer, messages, ["<sep>"], len(ids), prompt=True)
+        start = len(ids)
+        with torch.no_grad():
+            for _ in range(12):
+                mask = gist_attention(torch.ones(1, len(ids), dtype=torch.long), [gist], torch.float32)
+                nxt = int(model(input_ids=torch.tensor([ids]), attention_mask=mask).logits[0, -1].argmax())
+                if nxt == tokenizer.eos_token_id:
+                    break
+                ids.append(nxt)
+        return tokenizer.decode(ids[start:], skip_special_tokens=True).strip(), gist
+
+    expected, gist = recomputed(with_token)
+    assert len(gist) > 1 and got["a"] == expected and got["a"]
+    plain = {r.key: text for batch in LocalGenerator(model, tokenizer, 2).batches(requests, 12) for r, text, _ in batch}
+    assert got["b"] == plain["b"] == recomputed(without)[0]
+    assert plain["a"] != got["a"]  # the mask changed what this model writes after the token
 
 
 def test_the_gist_arm_trains_with_the_mask_on_the_rows_that_hold_the_token(tiny_model_dir, tmp_path):

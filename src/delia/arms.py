@@ -52,7 +52,7 @@ class Arm:
     the first stage's token rows, which stay frozen (token first, then the task)."""
     gist: bool = False
     """Rows whose instruction holds the token train with a gist mask: what follows the token cannot attend to
-    the instruction words before it (`delia.train.gist`)."""
+    the instruction words before it (`delia.model.gist`)."""
     decoys: bool = False
     """Its rows hold decoy tokens (`counterfactual.decoys`): training adds them like the new tokens and
     never trains their rows."""
@@ -60,9 +60,10 @@ class Arm:
     """Untrained: the new tokens are added with this init and nothing is trained."""
     prompt: str = ""
     """A rewrite of the evaluation prompts (`delia.data.baselines.PROMPTS[PROMPT]`); empty = the rows as they are."""
-    decoding: Literal["plain", "arithmetic", "steering"] = "plain"
+    decoding: Literal["plain", "arithmetic", "steering", "gist"] = "plain"
     """`arithmetic`: model arithmetic over prompts with and without the description; `steering`: a steering
-    vector added where the token stands (`delia.model.steering`)."""
+    vector added where the token stands (`delia.model.steering`); `gist`: the gist mask at generation too
+    (`delia.model.gist`)."""
     task_kinds: tuple[str, ...] = ("formatted", "translation")
     backends: tuple[str, ...] = ALL_BACKENDS
     """Generation backends that can evaluate it."""
@@ -80,7 +81,7 @@ class Arm:
     @property
     def uses_baseline_settings(self) -> bool:
         """Its evaluation depends on the `baselines` section (prompt rewrite or decoding)."""
-        return bool(self.prompt) or self.decoding != "plain"
+        return bool(self.prompt) or self.decoding in ("arithmetic", "steering")
 
 
 def _equal_steps(arm: Arm, label: str) -> Arm:
@@ -100,8 +101,9 @@ _COUNTERFACTUAL = Arm("counterfactual", "Counterfactual rows (DELIA's + the task
                       data="counterfactual", budget="epoch", needs_diverse=True, decoys=True, task_kinds=("formatted",))
 _COUNTERFACTUAL_ANCHOR = Arm("counterfactual_anchor", "Counterfactual rows, KL-anchored (1 epoch)", data="counterfactual",
                              budget="epoch", needs_diverse=True, decoys=True, distill="anchor", task_kinds=("formatted",))
-_GIST = Arm("gist", "Gist-masked counterfactual rows, KL-anchored (1 epoch)", data="counterfactual", budget="epoch",
-             needs_diverse=True, decoys=True, distill="anchor", gist=True, task_kinds=("formatted",))
+_GIST = Arm("gist", "Gist-masked counterfactual rows, KL-anchored (1 epoch; the mask in training and generation)",
+             data="counterfactual", budget="epoch", needs_diverse=True, decoys=True, distill="anchor", gist=True,
+             decoding="gist", backends=("local",), task_kinds=("formatted",))
 _TOKEN_FIRST = Arm("token_first", "Token first, then the task (anchored counterfactual rows; both stages 1 epoch)",
                    data="counterfactual", budget="epoch", needs_diverse=True, decoys=True, distill="anchor",
                    continues_from="token_row", continue_as="tokens", task_kinds=("formatted",))

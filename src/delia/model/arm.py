@@ -100,6 +100,10 @@ def arm_generator(cfg: RunConfig, arm: str, batch_size: int, extra_tokens: tuple
         from .arithmetic import ArithmeticGenerator
 
         return ArithmeticGenerator(model, tokenizer, cfg.task, cfg.baselines.arithmetic_lambda, batch_size)
+    if a.decoding == "gist":
+        from .gist import GistGenerator
+
+        return GistGenerator(model, tokenizer, cfg.task.new_tokens, batch_size)
     if a.decoding == "steering":  # the vector from 16 training rows, at the middle block
         from ..runfolder import read_jsonl
         from .steering import SteeringGenerator, decoder_layers, steering_vector

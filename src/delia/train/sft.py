@@ -22,9 +22,9 @@ from ..model.adapter import TOKENS_FILE, load_adapter
 from ..model.chat import IGNORE, tokenize_chat
 from ..model.tokens import add_new_tokens
 from ..runfolder import world, write_json
+from ..model.gist import FIELD as GIST
+from ..model.gist import gist_attention, gist_positions
 from .distill import distill_example, distill_trainer_class, pad_extra
-from .gist import FIELD as GIST
-from .gist import gist_attention, gist_positions
 
 COUNTS_FILE = "delia_counts.json"
 KL_FIELDS = ("kl_labels", "teacher_input_ids", "teacher_labels")
@@ -83,7 +83,7 @@ def embedding_module_name(model) -> str:
 class _CountingCollator:
     """Pads a batch and counts the tokens that go through training (all, and those with a loss).
     Batches are counted as they are consumed: the data loader collates one batch ahead. Rows with a gist
-    (`delia.train.gist`) get the batch's 4D gist mask, in `mask_dtype`."""
+    (`delia.model.gist`) get the batch's 4D gist mask, in `mask_dtype`."""
 
     def __init__(self, tokenizer, accumulation: int, mask_dtype: torch.dtype = torch.float32):
         from transformers import DataCollatorForSeq2Seq
@@ -180,7 +180,7 @@ def _first_stage_rows(model, adapter: Path, ids: list[int]) -> None:
 def _examples(tokenizer, rows: list[dict], max_length: int, distill: str = "", task: TaskConfig | None = None,
               gist: bool = False) -> list[dict]:
     """Tokenized rows that keep at least one assistant token after truncation (with their KL fields for a
-    `distill` mode, see delia.train.distill, and their gist for `gist`, see delia.train.gist)."""
+    `distill` mode, see delia.train.distill, and their gist for `gist`, see delia.model.gist)."""
     tokenizer.padding_side = "right"
     pairs = [(r, tokenize_chat(tokenizer, r["messages"], max_length, r.get("open_end", False))) for r in rows]
     pairs = [(r, e) for r, e in pairs if any(label != IGNORE for label in e["labels"])]
@@ -348,7 +348,7 @@ def train_lora(
     and save it with the tokenizer in `out_dir/adapter`; `distill` (anchor or token) adds a KL term to
     the untouched model of weight `beta` (delia.train.distill); `untrained_tokens` (decoys) are added after
     the new tokens, the same way, and their rows are not trained (with `train.new_token_mode`
-    trainable_tokens); `gist` trains rows that hold the token with a gist mask (delia.train.gist);
+    trainable_tokens); `gist` trains rows that hold the token with a gist mask (delia.model.gist);
     `token_only` trains the new tokens' rows alone (no LoRA); `tokens_from` (a `token_only` first stage's
     adapter) starts the new tokens' rows where it left them and keeps them frozen. Returns the run's figures."""
     from datasets import Dataset
