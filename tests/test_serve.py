@@ -5,6 +5,8 @@ from __future__ import annotations
 
 import http.client
 import json
+import re
+import select
 import socket
 import threading
 import time
@@ -123,3 +125,143 @@ def test_bad_port_or_host_is_one_line_before_the_model_loads(tmp_path):
         with contextlib.redirect_stderr(err):
             code = main(["serve", "configs/demo.yaml", "--set", "model.name=/nonexistent", *args])
         assert code == 2 and words in err.getvalue() and err.getvalue().count("\n") == 1, err.getvalue()
+
+
+def _raw(srv, data: bytes, timeout: float = 5.0, pause: float = 0.0) -> bytes:
+    """What the server answers on one connection to `data` (sent a byte every `pause` s when set) until it
+    closes or `timeout` s pass; b"" when nothing came."""
+    sock = socket.create_connection(("127.0.0.1", srv.server_address[1]))
+    sock.settimeout(timeout)
+    out = b""
+    try:
+        if pause:  # until the server answers
+            for byte in data:
+                if select.select([sock], [], [], pause)[0]:
+                    break
+                sock.sendall(bytes([byte]))
+        else:
+            sock.sendall(data)
+        while chunk := sock.recv(65536):
+            out += chunk
+    except (TimeoutError, OSError):
+        pass
+    finally:
+        sock.close()
+    return out
+
+
+def _post(path: str, body: bytes, key: str = "k3y") -> bytes:
+    return (f"POST {path} HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer {key}\r\nContent-Type: application/json\r\n"
+            f"Content-Length: {len(body)}\r\n\r\n").encode() + body
+
+
+def test_an_unused_body_is_dropped_so_the_next_request_on_the_connection_is_read_right(server):
+    smuggled = b"GET /v1/secret HTTP/1.1\r\nHost: x\r\n\r\n"
+    good = json.dumps(GOOD).encode()
+    # a 404, a 401 and a 405 answered before their bodies are read, then a chat, on one keep-alive connection
+    data = (_post("/v1/embeddings", smuggled) + _post("/v1/chat/completions", smuggled, key="wrong")
+            + b"PUT /v1/models HTTP/1.1\r\nHost: x\r\nAuthorization: Bearer k3y\r\nContent-Length: 4\r\n\r\nPOST"
+            + _post("/v1/chat/completions", good))
+    answer = _raw(server, data, timeout=3.0).decode()
+    statuses = re.findall(r"HTTP/1\.1 (\d{3}) ", answer)
+    assert statuses == ["404", "401", "405", "200"], answer
+    assert "/v1/secret" not in answer
+
+
+def test_the_official_client_recovers_from_errors_on_one_keep_alive_connection(server):
+    openai = pytest.importorskip("openai")
+    url = f"http://127.0.0.1:{server.server_address[1]}/v1"
+    accepted = []
+    accept = server.get_request
+    server.get_request = lambda: accepted.append(1) or accept()
+    try:
+        with openai.DefaultHttpxClient() as http:
+            good = openai.OpenAI(base_url=url, api_key="k3y", max_retries=0, http_client=http)
+            wrong = openai.OpenAI(base_url=url, api_key="nope", max_retries=0, http_client=http)
+            chat = dict(model="tiny", messages=GOOD["messages"], max_tokens=4, seed=3)
+            first = good.chat.completions.create(**chat).choices[0].message.content
+            with pytest.raises(openai.NotFoundError):
+                good.embeddings.create(model="tiny", input="a body the server never reads")
+            assert good.chat.completions.create(**chat).choices[0].message.content == first
+            with pytest.raises(openai.AuthenticationError):
+                wrong.chat.completions.create(**chat)
+            with pytest.raises(openai.BadRequestError):
+                good.chat.completions.create(**{**chat, "n": 2})
+            assert good.chat.completions.create(**chat).choices[0].message.content == first
+    finally:
+        server.get_request = accept
+    assert len(accepted) == 1  # every call above on the same connection
+
+
+@pytest.mark.parametrize("line", [b"HELLO\r\n", b"\x16\x03\x01\x02\x00\x01\x00\x01\xfc\x03\x03\r\n",
+                                  b"PRI * HTTP/2.0\r\n\r\nSM\r\n\r\n", b"GET /v1/models\r\n"])
+def test_a_request_line_that_is_not_http_1_gets_a_status_line(server, line):
+    answer = _raw(server, line)
+    assert answer.startswith(b"HTTP/1.1 400 ") or answer.startswith(b"HTTP/1.1 505 "), answer
+    assert b"\r\n\r\n{\"error\"" in answer
+
+
+def test_the_bound_covers_the_whole_request_however_slowly_it_arrives(server):
+    # read_timeout is 1 s: headers that never end, and a body at a byte every 0.25 s (each read in time)
+    for data in (b"GET /v1/models HTTP/1.1\r\nHost: x\r\nX-Slow: " + b"a" * 40,
+                 _post("/v1/chat/completions", json.dumps(GOOD).encode())):
+        started = time.time()
+        answer = _raw(server, data, timeout=8.0, pause=0.25 if data.startswith(b"POST") else 0.1)
+        assert answer.startswith(b"HTTP/1.1 408") and time.time() - started < 6, answer
+
+
+def test_a_prompt_beyond_the_context_a_lone_surrogate_and_a_tiny_temperature(server):
+    long = {"messages": [{"role": "user", "content": "healthy tips " * 400}], "max_tokens": 4}
+    status, _, payload = _call(server, "POST", "/v1/chat/completions", long)
+    assert status == 400 and "context of 512 tokens" in json.loads(payload)["error"]["message"]
+    status, _, payload = _call(server, "POST", "/v1/chat/completions",
+                               raw=b'{"messages": [{"role": "user", "content": "hi \\ud800"}], "max_tokens": 4}')
+    assert status == 400 and json.loads(payload)["error"]["param"] == "messages[0].content", payload
+    status, _, payload = _call(server, "POST", "/v1/chat/completions", {**GOOD, "temperature": 1e-300})
+    greedy = _call(server, "POST", "/v1/chat/completions", GOOD)[2]
+    assert status == 200 and json.loads(payload)["choices"] == json.loads(greedy)["choices"]
+
+
+def test_every_method_needs_the_key_and_head_gets_no_body(server):
+    for method in ("PUT", "HEAD", "DELETE"):
+        assert _call(server, method, "/v1/models", key=None)[0] == 401, method
+    status, _, payload = _call(server, "HEAD", "/v1/models")
+    assert status == 405 and payload == b""
+
+
+def test_a_client_that_goes_away_leaves_no_traceback(server, capsys):
+    for error in (BrokenPipeError(32, "Broken pipe"), ConnectionResetError(104, "reset")):
+        try:
+            raise error
+        except OSError:
+            server.handle_error(None, ("127.0.0.1", 1))
+    assert capsys.readouterr().err == ""
+
+
+@pytest.fixture(scope="module")
+def talker(tiny_model_dir):
+    """A server over the tiny model with wide weights, so that it writes words, not only newlines."""
+    import torch
+
+    from delia.model.loading import load_model
+
+    model, tokenizer = load_model(tiny_model_dir)
+    torch.manual_seed(2)
+    with torch.no_grad():
+        for p in model.parameters():
+            p.normal_(0, 0.15)
+    srv = ChatServer(model, tokenizer, "tiny", port=0, max_tokens=32)
+    threading.Thread(target=srv.serve_forever, daemon=True).start()
+    yield srv
+    srv.shutdown()
+    srv.server_close()
+
+
+def test_streaming_sends_the_answer_as_it_is_made(talker):
+    openai = pytest.importorskip("openai")
+    client = openai.OpenAI(base_url=f"http://127.0.0.1:{talker.server_address[1]}/v1", api_key="x", max_retries=0)
+    chat = dict(model="tiny", messages=GOOD["messages"], max_tokens=24, seed=1)
+    whole = client.chat.completions.create(**chat).choices[0].message.content
+    pieces = [c.choices[0].delta.content for c in client.chat.completions.create(**chat, stream=True)
+              if c.choices[0].delta.content]
+    assert len(pieces) >= 3 and "".join(pieces) == whole, pieces

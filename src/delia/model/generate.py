@@ -83,9 +83,11 @@ class LocalGenerator:
         top_p: float = 1.0,
         seed: int = 0,
         should_stop: Callable[[], bool] | None = None,
+        streamer=None,
     ) -> Iterator[list[tuple[Request, str, int]]]:
         """Yield, batch by batch, (request, generated text, generated token count); `should_stop()` true
-        (checked every step) ends a batch early with what it has (a server whose client went away)."""
+        (checked every step) ends a batch early with what it has (a server whose client went away); a
+        `streamer` (transformers' streamers, one request per batch) gets the tokens as they are made."""
         encoded = [(request_ids(self.tokenizer, r), r) for r in requests]
         pad = self.tokenizer.pad_token_id
         eos = self._stop_ids()
@@ -108,6 +110,7 @@ class LocalGenerator:
                     pad_token_id=pad,
                     eos_token_id=eos,
                     stopping_criteria=_stop_when(should_stop) if should_stop else None,
+                    streamer=streamer,
                 )
             results = []
             for row, (_, request) in zip(out[:, width:].tolist(), chunk):
