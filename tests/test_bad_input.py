@@ -264,6 +264,15 @@ def test_any_override_ends_in_an_answer(key, value):
     ("task.new_tokens=['  ']", "'task.new_tokens[0]': must not be empty"), ("arms=[]", "'arms': must not be empty"),
     ("run_dir=/", "'run_dir': '/' is the filesystem root"), ("run_dir=..", "the current folder or one above it"),
     ("run_dir=''", "'run_dir': must not be empty"), ("sweep.ratios=[1, -2]", "'sweep.ratios[1]': must be >= 0"),
+    ("train.lr_scheduler=bogus", "'train.lr_scheduler': expected one of"), ("train.lr_scheduler=''", "expected one of"),
+    ("train.report_to=[wandb]", "'train.report_to': wandb is not installed"),
+    ("train.report_to=[trackio]", "trackio is not installed"),
+    ("train.batch_size=6", "'train.batch_size': 6 is not a multiple of train.micro_batch_size 4"),
+    ('task.description="a\\0b"', "'task.description': holds a NUL character"),
+    ('task.keywords=["\\ud800"]', "'task.keywords[0]': holds a lone surrogate"),
+    ("run_dir=/dev/null", "'run_dir': '/dev/null' is in the kernel's folders"), ("run_dir=/proc/self", "kernel's folders"),
+    ("sample.queries=''", "'sample.queries': '' names no source"), ("task.source='hf:'", "'task.source': 'hf:' names no source"),
+    ("task.source=hf:@train", "names no source"), ("sample.queries='alpaca_en_demo, '", "join named sets or files with commas"),
 ])
 def test_values_outside_their_domain_are_refused_before_any_work(tmp_path, override, words):
     """Each field's domain is declared with it and checked when the config loads: one line, status 2,
@@ -394,3 +403,36 @@ def test_too_few_queries_for_the_ratio_is_said_before_sampling(tmp_path):
                        f"sample.queries={tmp_path / 'q.jsonl'}")
     assert code == 2 and "5 queries, but 144 diverse rows are needed" in err and err.count("\n") == 1, err
     assert not (tmp_path / "run" / "sample").exists()  # nothing sampled
+
+
+def test_a_run_dir_that_is_or_lies_under_a_file_is_refused_at_load(tmp_path):
+    (tmp_path / "f").write_text("x")
+    for run_dir in (tmp_path / "f", tmp_path / "f" / "run"):
+        code, err = _delia("run", "configs/demo.yaml", "--set", f"run_dir={run_dir}")
+        assert code == 2 and err.count("\n") == 1 and f"{tmp_path / 'f'} is a file, not a folder" in err, err
+
+
+@pytest.mark.parametrize("template,words", [
+    ("{% for m in messages %}{{ m['content'] }", "does not render"),  # a syntax error
+    ("{{ messages[0].content.nope() }}", "UndefinedError"),
+    ("{{ raise_exception('roles must alternate') }}", "roles must alternate"),
+])
+def test_a_chat_template_that_does_not_render_is_refused_at_load(tmp_path, template, words):
+    path = tmp_path / "t.jinja"
+    path.write_text(template)
+    code, err = _delia("run", "configs/demo.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set", f"model.chat_template={path}")
+    assert code == 2 and err.count("\n") == 1 and "'model.chat_template'" in err and words in err, err
+    assert err.startswith(f"delia: error: --set model.chat_template={path}"), err
+    assert not (tmp_path / "run").exists()
+
+
+def test_target_modules_the_model_lacks_are_refused_before_the_first_stage(tiny_model_dir, tmp_path):
+    code, err = _delia("run", "configs/demo.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set", f"model.name={tiny_model_dir}",
+                       "--set", "train.target_modules=[q_proj, no_such_proj]")
+    assert code == 2 and err.count("\n") == 1 and "train.target_modules: no_such_proj name no linear layer" in err, err
+    assert "q_proj" in err.split("its layers:")[1] and not (tmp_path / "run").exists()
+    adapter = tmp_path / "adapter"
+    adapter.mkdir()
+    (adapter / "adapter_config.json").write_text("{}")
+    code, err = _delia("run", "configs/demo.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set", f"model.name={adapter}")
+    assert code == 2 and "is an adapter folder, not a model" in err and not (tmp_path / "run").exists(), err

@@ -229,3 +229,19 @@ def test_tensorboard_gets_the_training_logs_and_tracking_leaves_the_stage_key_al
     acc.Reload()
     assert len(acc.Scalars("train/loss")) == first["outputs"]["steps"] == 2
     assert stage_train(load_config(None, sets), "common")["key"] == first["key"]  # no retraining without trackers
+
+
+def test_every_allowed_lr_scheduler_is_one_transformers_builds_without_further_settings():
+    import typing
+
+    import torch
+    from transformers import get_scheduler
+
+    from delia.config import TrainConfig
+
+    names = typing.get_args(typing.get_type_hints(TrainConfig)["lr_scheduler"])
+    optimizer = torch.optim.SGD([torch.nn.Parameter(torch.zeros(1))], lr=0.1)
+    for name in names:
+        scheduler = get_scheduler(name, optimizer, num_warmup_steps=1, num_training_steps=10)
+        scheduler.step()  # steps without metrics, as the Trainer steps it
+    assert TrainConfig().lr_scheduler in names and len(names) >= 5

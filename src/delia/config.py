@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import dataclasses
+import importlib.util
 import math
+import os
 import re
 import typing
 from dataclasses import dataclass, field
@@ -221,7 +223,9 @@ class TrainConfig:
     micro_batch_size: Annotated[int, AtLeastOne] = 4
     """Rows per forward pass; the rest is gradient accumulation."""
     warmup_ratio: Annotated[float, Range(0, 1)] = 0.03
-    lr_scheduler: str = "constant_with_warmup"
+    lr_scheduler: Literal["constant_with_warmup", "constant", "linear", "cosine", "cosine_with_restarts",
+                          "polynomial", "inverse_sqrt"] = "constant_with_warmup"
+    """The learning-rate schedule (transformers' SchedulerType names that need no further settings)."""
     max_length: Annotated[int, Range(8)] = 512
     """Longer rows are truncated."""
     sampling: Literal["batch_rebalance", "random"] = "batch_rebalance"
@@ -386,6 +390,33 @@ class RunConfig:
 
 
 NEW_TOKEN_MODES = typing.get_args(typing.get_type_hints(TrainConfig)["new_token_mode"])
+TRACKER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb": "wandb"}
+"""What `train.report_to` needs installed, by tracker."""
+CHAT_TEMPLATES = {
+    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
+               "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+}
+"""Chat templates known by name (`model.chat_template`); anything else is read as a Jinja file."""
+VIRTUAL_ROOTS = ("/dev", "/proc", "/sys")
+"""Folders of the kernel's own, never a run folder."""
+
+
+def effective_batch(cfg: TrainConfig, n_rows: int) -> int:
+    """The paper's rule unless set: 64, or 16 under 256 rows."""
+    if cfg.batch_size:
+        return cfg.batch_size
+    return 64 if n_rows >= 256 else 16
+
+
+def plan_batches(cfg: TrainConfig, n_rows: int, processes: int) -> tuple[int, int, int]:
+    """(global batch, micro-batch per process, accumulation steps): the global batch is kept whatever
+    the number of processes; one line when the micro-batches cannot make it up."""
+    batch = effective_batch(cfg, n_rows)
+    micro = max(1, min(cfg.micro_batch_size, batch // processes))
+    if batch % (micro * processes):
+        raise DeliaError(f"'train.batch_size': {batch} is not a multiple of train.micro_batch_size {micro} x "
+                         f"{processes} process{'es' if processes > 1 else ''}")
+    return batch, micro, batch // (micro * processes)
 
 
 def _build(cls, data: Any, where: str, path: str):
@@ -435,8 +466,20 @@ def _check(value: Any, hint: Any, where: str, path: str) -> Any:
         if number is not None or isinstance(value, (int, float)):
             raise DeliaError(f"{path}: '{where}': must be a finite number, got {value!r}")
     elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
+        if hint is str:
+            _text(value, where, path)
         return value
     raise DeliaError(f"{path}: '{where}': expected {hint.__name__}, got {value!r}")
+
+
+def _text(value: str, where: str, path: str) -> None:
+    """Text a file, a path and a tokenizer can all hold: no NUL, no lone surrogate."""
+    if "\x00" in value:
+        raise DeliaError(f"{path}: '{where}': holds a NUL character at {value.index(chr(0))}")
+    try:
+        value.encode("utf-8")
+    except UnicodeEncodeError as e:
+        raise DeliaError(f"{path}: '{where}': holds a lone surrogate at {e.start}, not text") from None
 
 
 def model_key(model: ModelConfig) -> str:
@@ -466,10 +509,7 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         if cfg.task.kind not in ARMS[name].task_kinds:
             raise DeliaError(f"{path}: 'arms': {name} is for {' or '.join(ARMS[name].task_kinds)} tasks "
                              f"(task.kind is {cfg.task.kind!r})")
-    run_dir = Path(cfg.run_dir).expanduser().resolve()
-    if run_dir == Path(run_dir.anchor) or run_dir in (Path.cwd(), *Path.cwd().parents):
-        raise DeliaError(f"{path}: 'run_dir': {cfg.run_dir!r} is the filesystem root, the current folder or one "
-                         "above it; a run folder holds one run's files (e.g. runs/demo)")
+    _check_run_dir(cfg.run_dir, path)
     if cfg.task.kind == "translation" and cfg.task.source == "demo":
         raise DeliaError(f"{path}: 'task.source': a translation task reads pairs (e.g. data/en-is from `delia data en-is`)")
     if cfg.task.metric == "regex":
@@ -505,7 +545,74 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
     if cfg.controls.rows and not all("{token}" in t for t in cfg.controls.negated) or not cfg.controls.negated:
         raise DeliaError(f"{path}: 'controls.negated': a non-empty list of instructions, each with {{token}}")
     _check_counterfactual(cfg, path)
+    _check_training(cfg, path)
+    for where, spec in (("task.source", cfg.task.source), ("task.eval_source", cfg.task.eval_source),
+                        *(("sample.queries", part) for part in parts)):
+        if (where != "task.eval_source" or spec) and not spec.removeprefix("hf:").split("@")[0].split(":")[0].strip():
+            raise DeliaError(f"{path}: '{where}': {spec!r} names no source (a file, a folder, hf:NAME or a built-in set)")
     return cfg
+
+
+def _check_run_dir(run_dir: str, path: str) -> None:
+    """A run folder is a folder of its own: not the root, the current folder or one above it, not under a
+    file, not in the kernel's folders."""
+    folder = Path(run_dir).expanduser().resolve()
+    if folder == Path(folder.anchor) or folder in (Path.cwd(), *Path.cwd().parents):
+        raise DeliaError(f"{path}: 'run_dir': {run_dir!r} is the filesystem root, the current folder or one "
+                         "above it; a run folder holds one run's files (e.g. runs/demo)")
+    if any(folder == Path(v) or Path(v) in folder.parents for v in VIRTUAL_ROOTS):
+        raise DeliaError(f"{path}: 'run_dir': {run_dir!r} is in the kernel's folders ({', '.join(VIRTUAL_ROOTS)})")
+    for p in (folder, *folder.parents):
+        if p.exists():
+            if not p.is_dir():
+                raise DeliaError(f"{path}: 'run_dir': {run_dir!r}: {p} is a file, not a folder")
+            break
+
+
+def _check_training(cfg: RunConfig, path: str) -> None:
+    """Settings that train reads, checked before any stage runs: trackers installed, micro-batches that make
+    up the batch, a chat template that compiles and renders."""
+    for tracker in cfg.train.report_to:
+        if importlib.util.find_spec(TRACKER_PACKAGES[tracker]) is None:
+            raise DeliaError(f"{path}: 'train.report_to': {tracker} is not installed (pip install {TRACKER_PACKAGES[tracker]})")
+    processes = max(1, int(os.environ.get("WORLD_SIZE", "1") or 1))
+    try:
+        for rows in ((cfg.train.batch_size,) if cfg.train.batch_size else (16, 256)):  # the paper's rule: 16 or 64
+            plan_batches(cfg.train, rows, processes)
+    except DeliaError as e:
+        raise DeliaError(f"{path}: {e}") from None
+    if cfg.model.chat_template:
+        _check_chat_template(cfg.model.chat_template, path)
+
+
+def chat_template_text(spec: str) -> str:
+    """A `model.chat_template`'s Jinja text: a known name's, or a file's; one line when it is neither."""
+    if spec in CHAT_TEMPLATES:
+        return CHAT_TEMPLATES[spec]
+    try:
+        return Path(spec).read_text(encoding="utf-8")
+    except (OSError, UnicodeDecodeError) as e:
+        raise DeliaError(f"'model.chat_template': {spec!r} is neither a known name ({', '.join(CHAT_TEMPLATES)}) "
+                         f"nor a readable Jinja file ({e.strerror if isinstance(e, OSError) else e})") from None
+
+
+def _check_chat_template(spec: str, path: str) -> None:
+    """The template compiles and renders a probe conversation as prompts and as training rows do."""
+    try:
+        template = chat_template_text(spec)
+    except DeliaError as e:
+        raise DeliaError(f"{path}: {e}") from None
+    from transformers.utils.chat_template_utils import render_jinja_template
+
+    probe = [{"role": "user", "content": "Name a colour."}, {"role": "assistant", "content": "Blue."}]
+    special = {"bos_token": "<s>", "eos_token": "</s>", "pad_token": "<pad>", "unk_token": "<unk>"}
+    try:
+        render_jinja_template([probe], chat_template=template, **special)
+        render_jinja_template([probe[:1]], chat_template=template, add_generation_prompt=True, **special)
+    except Exception as e:  # noqa: BLE001 - Jinja's syntax errors, undefined names, the template's own raise_exception
+        where = f" (line {e.lineno})" if getattr(e, "lineno", None) else ""
+        raise DeliaError(f"{path}: 'model.chat_template': {spec!r} does not render a user and an assistant "
+                         f"turn{where}: {type(e).__name__}: {str(e)[:200]}") from None
 
 
 def _folded(text: str) -> str:

@@ -23,6 +23,7 @@ from .data.task import build_task, check_references
 from .errors import DeliaError
 from .model.arm import adapter_of, base_model, needs_export, placement_of
 from .model.backends import generation_placement
+from .model.loading import check_target_modules
 from .runfolder import RunFolder, Stage, atomic_path, read_jsonl, read_manifest, world, write_json, write_jsonl
 
 
@@ -250,6 +251,8 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
         return done
     budget = " (1 epoch)" if not max_steps else \
         f" ({max_steps} steps{', stage 2' if a.continues_from else ''}, as {REFERENCE})"
+    if not a.token_only:
+        check_target_modules(cfg.model, cfg.train.target_modules)
     print(f"delia: train {arm}{budget}", flush=True)
     model, tokenizer = base_model(cfg)
     stats = train_lora(model, tokenizer, read_jsonl(data), cfg.train, cfg.task, run.train(arm), cfg.seed, max_steps,
@@ -403,6 +406,8 @@ def run_all(cfg: RunConfig) -> Path:
     """The whole chain for the configured arms; returns the report's path."""
     if why := missing_dependency(cfg.arms):
         raise DeliaError(f"arms: {why}")
+    if any(ARMS[a].trained and not ARMS[a].token_only for a in cfg.arms):  # before any stage works
+        check_target_modules(cfg.model, cfg.train.target_modules)
     stage_task(cfg)
     if _needs_diverse(cfg):
         if cfg.diversify.paraphrases > 0:

@@ -40,7 +40,8 @@ def ratio_trial(cfg: RunConfig, ratio: float, fraction: float, diverse: Path) ->
     of the largest ratio's epoch, the same number of steps for every ratio (`steps`); the task loss
     after. A finished trial is kept in `trials/` and reused by both `sweep` and `tune-ratio`."""
     from .analysis.ratio import task_loss
-    from .train.sft import effective_batch, train_lora
+    from .config import effective_batch
+    from .train.sft import train_lora
 
     eval_path = paths(cfg).task_eval
     equal = cfg.sweep.budget == "steps"

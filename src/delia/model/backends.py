@@ -3,6 +3,7 @@ backends themselves (`delia.model.generate`: local, vLLM, OpenAI-compatible; `de
 
 from __future__ import annotations
 
+from ..errors import DeliaError
 from .generate import Generator, LocalGenerator, OpenAIGenerator, VLLMGenerator
 
 
@@ -31,11 +32,14 @@ def make_generator(model_cfg, gen_cfg, batch_size: int, path: str = "", served_n
 
 def ct2_device(device: str) -> str:
     """`model.device` for CTranslate2: `auto` is CUDA when CTranslate2 sees a GPU, else the CPU."""
-    if device != "auto":
+    if device == "cpu":
         return device
     import ctranslate2
 
-    return "cuda" if ctranslate2.get_cuda_device_count() > 0 else "cpu"
+    cuda = ctranslate2.get_cuda_device_count() > 0
+    if device == "cuda" and not cuda:
+        raise DeliaError("model.device: cuda, but CTranslate2 sees no CUDA GPU on this machine (use auto or cpu)")
+    return "cuda" if cuda else "cpu"
 
 
 def generation_placement(cfg) -> str:

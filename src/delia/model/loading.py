@@ -12,6 +12,7 @@ import os
 from dataclasses import dataclass
 from pathlib import Path
 
+from ..config import chat_template_text
 from ..errors import DeliaError
 from ..runfolder import atomic_dir
 
@@ -54,13 +55,6 @@ def resolve_model(name: str) -> str:
     return str(target)
 
 
-CHAT_TEMPLATES = {
-    "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
-               "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
-}
-"""Chat templates known by name (`model.chat_template`); anything else is read as a Jinja file."""
-
-
 def model_source(model_cfg) -> str:
     """What to load for `model`: its name, or, with `model.chat_template`, a folder in the cache that
     links the model's files and adds that template (so every backend and export sees one plain folder)."""
@@ -68,15 +62,7 @@ def model_source(model_cfg) -> str:
 
     if not model_cfg.chat_template:
         return model_cfg.name
-    spec = model_cfg.chat_template
-    if spec in CHAT_TEMPLATES:
-        template = CHAT_TEMPLATES[spec]
-    else:
-        try:
-            template = Path(spec).read_text(encoding="utf-8")
-        except (OSError, UnicodeDecodeError) as e:
-            raise DeliaError(f"model.chat_template: {spec!r} is neither a known name ({', '.join(CHAT_TEMPLATES)}) "
-                             f"nor a readable Jinja file ({e.strerror if isinstance(e, OSError) else e})") from None
+    template = chat_template_text(model_cfg.chat_template)
     source = Path(resolve_model(model_cfg.name))
     if not source.is_dir():
         from huggingface_hub import snapshot_download
@@ -163,10 +149,19 @@ def load_tokenizer(name_or_path: str, trust_remote_code: bool = False):
     return tokenizer
 
 
+def _not_an_adapter(name: str) -> None:
+    folder = Path(name).expanduser()
+    if (folder / "adapter_config.json").is_file() and not (folder / "config.json").exists():
+        raise DeliaError(f"model.name: {name} is an adapter folder, not a model; name its base model "
+                         "(base_model_name_or_path in its adapter_config.json) and load the adapter on it "
+                         "(an arm of the run, or `delia serve --adapter`)")
+
+
 def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, device: str = "cpu"):
     """(model, tokenizer) of a base model, unchanged, on `device` in `dtype` (`auto`: see `placement`)."""
     from transformers import AutoModelForCausalLM
 
+    _not_an_adapter(name)
     device, dtype = placement(device, dtype)
     path = resolve_model(name)
     try:
@@ -175,3 +170,26 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
     except (OSError, ValueError) as e:
         raise _refused(name, e) from None
     return model.to(device), tokenizer
+
+
+def check_target_modules(model_cfg, targets: list[str]) -> None:
+    """Every `train.target_modules` name matches a linear layer of the model (as peft matches them: the
+    whole name or its last parts), found on an empty copy of the model built from its config."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    _not_an_adapter(model_cfg.name)
+    path = resolve_model(model_source(model_cfg))
+    try:
+        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
+        with torch.device("meta"):
+            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+    except (OSError, ValueError) as e:
+        raise _refused(model_cfg.name, e) from None
+    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
+    missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
+    if missing:
+        names = sorted({n.rsplit(".", 1)[-1] for n in linear})
+        raise DeliaError(f"train.target_modules: {', '.join(missing)} name no linear layer of model '{model_cfg.name}' "
+                         f"(its layers: {', '.join(names)})")
+

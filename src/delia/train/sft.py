@@ -16,14 +16,14 @@ from pathlib import Path
 
 import torch
 
-from ..config import TaskConfig, TrainConfig
+from ..config import TaskConfig, TrainConfig, plan_batches
 from ..errors import DeliaError
 from ..model.adapter import TOKENS_FILE, load_adapter
 from ..model.chat import IGNORE, tokenize_chat
-from ..model.tokens import add_new_tokens
-from ..runfolder import world, write_json
 from ..model.gist import FIELD as GIST
 from ..model.gist import gist_attention, gist_positions
+from ..model.tokens import add_new_tokens
+from ..runfolder import world, write_json
 from .distill import distill_example, distill_trainer_class, pad_extra
 
 COUNTS_FILE = "delia_counts.json"
@@ -66,13 +66,6 @@ def _resumable_checkpoint(folder: Path, run_key: str) -> Path | None:
     if rank == 0:
         shutil.rmtree(folder)
     return None
-
-
-def effective_batch(cfg: TrainConfig, n_rows: int) -> int:
-    """The paper's rule unless set: 64, or 16 under 256 rows."""
-    if cfg.batch_size:
-        return cfg.batch_size
-    return 64 if n_rows >= 256 else 16
 
 
 def embedding_module_name(model) -> str:
@@ -190,17 +183,6 @@ def _examples(tokenizer, rows: list[dict], max_length: int, distill: str = "", t
     if not examples:
         raise DeliaError("no training row has an assistant token left (raise train.max_length?)")
     return examples
-
-
-def _plan_batches(cfg: TrainConfig, n_examples: int, processes: int) -> tuple[int, int, int]:
-    """(global batch, micro-batch per process, accumulation steps): the global batch is kept whatever
-    the number of processes."""
-    batch = effective_batch(cfg, n_examples)
-    micro = min(cfg.micro_batch_size, batch // processes)
-    if batch % (micro * processes):
-        raise DeliaError(f"train.batch_size {batch} is not a multiple of train.micro_batch_size {micro} x "
-                         f"{processes} process{'es' if processes > 1 else ''}")
-    return batch, micro, batch // (micro * processes)
 
 
 def _resume_or_start(out_dir: Path, run_key: str, collator: _CountingCollator, loss_log: Path, rank: int) -> Path | None:
@@ -365,7 +347,7 @@ def train_lora(
     if (left_out := len(rows) - len(examples)) and rank == 0:
         print(f"delia: train: {left_out} of {len(rows)} rows keep no answer token within train.max_length "
               f"{cfg.max_length} (a longer prompt) and are left out", flush=True)
-    batch, micro, accumulation = _plan_batches(cfg, len(examples), processes)
+    batch, micro, accumulation = plan_batches(cfg, len(examples), processes)
     embed_name = embedding_module_name(model)
     if not resume_adapter:
         model = get_peft_model(model, lora_config(cfg, embed_name, new_ids, token_only))
