@@ -74,6 +74,35 @@ def test_a_csv_row_without_an_instruction_is_named_by_its_line(tmp_path):
         load_conversations(tmp_path / "t.csv")
 
 
+def test_an_upper_case_csv_is_read_and_a_bad_one_says_why(tmp_path):
+    (tmp_path / "t.CSV").write_text('instruction,output\n"Hi","Hello."\n')
+    assert [m[0]["content"] for m in load_conversations(tmp_path / "t.CSV")] == ["Hi"]
+    (tmp_path / "bad.csv").write_text('instruction,output\n"Hi","Hello."\n"a","b","c"\n')
+    with pytest.raises(DeliaError, match=r"bad\.csv: cannot read as csv: .*Expected 2 fields in line 3, saw 3"):
+        load_conversations(tmp_path / "bad.csv")
+
+
+def test_an_unreachable_hub_fails_at_once_in_one_line(tmp_path):
+    """With the Hub's host refusing connections, a Hub dataset and a Hub model not in the cache fail within
+    seconds, in delia's one line, without the libraries' retry lines."""
+    import os
+    import subprocess
+    import sys
+    import time
+
+    env = {**os.environ, "HF_ENDPOINT": "http://127.0.0.1:9", "HF_HOME": str(tmp_path / "hf")}
+    env.pop("HF_HUB_OFFLINE", None)
+    for setting, words in (("task.source=hf:no-such/dataset", "hf:no-such/dataset: cannot load: the Hugging Face Hub "
+                                                              "cannot be reached from this machine"),
+                           ("model.name=no-such/model", "model 'no-such/model': cannot load: the Hugging Face Hub")):
+        started = time.time()
+        verb = "task" if setting.startswith("task") else "run"
+        done = subprocess.run([sys.executable, "-m", "delia.cli", verb, "configs/demo.yaml", "--set",
+                               f"run_dir={tmp_path / 'run'}", "--set", setting], env=env, capture_output=True, text=True)
+        assert done.returncode == 2 and done.stderr.count("\n") == 1 and words in done.stderr, done.stderr
+        assert time.time() - started < 20
+
+
 def test_a_missing_hub_dataset_is_one_line(tmp_path, monkeypatch):
     monkeypatch.setenv("HF_HUB_OFFLINE", "1")
     with pytest.raises(DeliaError, match=r"^hf:no-such/dataset: cannot load: "):

@@ -17,6 +17,7 @@ from pathlib import Path
 from typing import Iterator
 
 from ..errors import DeliaError
+from ..hub import offline_unless_reachable, unreachable
 
 TABLE_SUFFIXES = (".parquet", ".csv")
 
@@ -111,20 +112,32 @@ def hf_dataset(spec: str, default_split: str = "train", where: str = ""):
     name_config, _, split = spec.partition("@")
     name, _, config = name_config.partition(":")
     split = split or default_split
+    offline = not Path(name).exists() and offline_unless_reachable()
     try:
         return load_dataset(name, config or None, split=split), split
     except Exception as e:  # noqa: BLE001 - the Hub, the network, a bad name or split: one line
-        raise DeliaError(f"{where}: cannot load: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DeliaError(f"{where}: cannot load: {unreachable(name) if offline else why(e)}") from None
 
 
 def _table(path: Path):
     from datasets import load_dataset
 
-    kind = path.suffix[1:]
+    kind = path.suffix[1:].lower()  # data.CSV is a CSV file, not a Hub dataset named "CSV"
     try:
         return load_dataset(kind, data_files=str(path), split="train")
     except Exception as e:  # noqa: BLE001 - a malformed file: one line
-        raise DeliaError(f"{path}: cannot read as {kind}: {str(e).splitlines()[0] if str(e) else type(e).__name__}") from None
+        raise DeliaError(f"{path}: cannot read as {kind}: {why(e)}") from None
+
+
+def why(error: BaseException) -> str:
+    """An error's first line, and the first line of what caused it when it only says that something failed
+    (datasets' "An error occurred while generating the dataset")."""
+    lines = []
+    while error is not None and len(lines) < 3:
+        text = str(error).strip()
+        lines.append(text.splitlines()[0] if text else type(error).__name__)
+        error = error.__cause__ or error.__context__
+    return ": ".join(dict.fromkeys(lines))
 
 
 def _saved(path: Path, split: str):

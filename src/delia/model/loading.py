@@ -14,6 +14,7 @@ from pathlib import Path
 
 from ..config import chat_template_text
 from ..errors import DeliaError
+from ..hub import offline_unless_reachable, reachable, unreachable
 from ..runfolder import atomic_dir
 
 
@@ -40,6 +41,8 @@ def cache_dir() -> Path:
 def resolve_model(name: str) -> str:
     """A folder or Hub id that `from_pretrained` accepts; converts an embedded model on first use."""
     if name not in EMBEDDED:
+        if not Path(name).expanduser().exists():  # a Hub id: offline at once when the Hub cannot be reached
+            offline_unless_reachable()
         return name
     target = cache_dir() / "models" / name
     if (target / "config.json").exists():
@@ -128,6 +131,8 @@ def _dtype(name: str):
 def _refused(name: str, error: Exception) -> DeliaError:
     """One line for a model that cannot load: its code refused (trust_remote_code off), or another error."""
     text = str(error)
+    if not Path(name).expanduser().exists() and name not in EMBEDDED and not reachable():
+        return DeliaError(f"model '{name}': cannot load: {unreachable(name)}")
     if "trust_remote_code" in text:
         return DeliaError(f"model '{name}': it ships its own code, which delia does not run unless you set "
                           "model.trust_remote_code: true (read the code first)")
