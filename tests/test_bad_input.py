@@ -343,6 +343,38 @@ def test_a_corrupt_cache_line_names_the_cache_and_the_line(task_run):
         cache.write_text(kept)
 
 
+def test_a_cache_line_whose_batch_size_is_not_a_count_is_named(task_run):
+    cache = task_run / "sample" / "cache.jsonl"
+    cache.parent.mkdir(exist_ok=True)
+    kept = cache.read_text() if cache.exists() else ""
+    try:
+        cache.write_text('{"key": "k", "answer": "a", "tokens": 1, "batch": "b", "size": "2"}\n')
+        code, err = _delia("sample", str(task_run / "c.yaml"))
+        assert code == 2 and err.count("\n") == 1 and f"{cache}:1: 'size' must be a positive integer" in err, err
+    finally:
+        cache.write_text(kept)
+
+
+def test_a_changed_diverse_or_mix_file_is_named_by_its_line(tiny_model_dir, tmp_path):
+    config = tmp_path / "c.yaml"
+    config.write_text(f"run_dir: {tmp_path / 'run'}\nmodel:\n  name: {tiny_model_dir}\ntask:\n  train_rows: 4\n"
+                      "sample:\n  max_new_tokens: 4\narms: [untouched, delia]\n")
+    for verb in ("task", "sample"):
+        assert _delia(verb, str(config))[0] == 0
+    diverse = tmp_path / "run" / "sample" / "diverse.jsonl"
+    lines = diverse.read_text().splitlines(keepends=True)
+    diverse.write_text("".join(lines[:2]) + '{"messages": [\n' + "".join(lines[3:]))
+    code, err = _delia("mix", str(config))
+    assert code == 2 and err.count("\n") == 1 and f"{diverse}:3: not a JSON object with messages" in err, err
+    diverse.write_text("".join(lines))
+    assert _delia("mix", str(config))[0] == 0
+    mixed = tmp_path / "run" / "mix" / "delia.jsonl"
+    rows = mixed.read_text().splitlines(keepends=True)
+    mixed.write_text(rows[0] + "[1, 2]\n" + "".join(rows[1:]))
+    code, err = _delia("train", str(config), "--arm", "delia")
+    assert code == 2 and err.count("\n") == 1 and f"{mixed}:2: expected a JSON object" in err, err
+
+
 JSON_VALUES = st.recursive(st.none() | st.booleans() | st.integers() | st.floats(allow_nan=False) | st.text(max_size=6),
                            lambda inner: st.lists(inner, max_size=3) | st.dictionaries(st.text(max_size=8), inner, max_size=3),
                            max_leaves=12)

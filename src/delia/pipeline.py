@@ -253,9 +253,10 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
         f" ({max_steps} steps{', stage 2' if a.continues_from else ''}, as {REFERENCE})"
     if not a.token_only:
         check_target_modules(cfg.model, cfg.train.target_modules)
+    rows = read_jsonl(data)  # a changed file is one line before the model loads
     print(f"delia: train {arm}{budget}", flush=True)
     model, tokenizer = base_model(cfg)
-    stats = train_lora(model, tokenizer, read_jsonl(data), cfg.train, cfg.task, run.train(arm), cfg.seed, max_steps,
+    stats = train_lora(model, tokenizer, rows, cfg.train, cfg.task, run.train(arm), cfg.seed, max_steps,
                        run_key=stage.key, **options)
     if a.continues_from:  # count both stages
         first = _trained(cfg, a.continues_from)

@@ -69,8 +69,20 @@ def write_jsonl(path: str | Path, rows: Iterable[dict]) -> int:
 
 
 def read_jsonl(path: str | Path) -> list[dict]:
-    with open(path, encoding="utf-8") as f:
-        return [json.loads(line) for line in f if line.strip()]
+    """A JSON Lines file of delia's own (a stage's output) as objects; a line that is not one is named."""
+    rows = []
+    with open(path, encoding="utf-8", errors="replace") as f:
+        for n, line in enumerate(f, 1):
+            if line.strip():
+                try:
+                    row = json.loads(line)
+                except (ValueError, RecursionError) as e:
+                    raise DeliaError(f"{path}:{n}: not a JSON line ({str(e).split(':')[0]}); the file was changed or "
+                                     "cut after the stage wrote it: run the stage again (delete the file)") from None
+                if not isinstance(row, dict):
+                    raise DeliaError(f"{path}:{n}: expected a JSON object, got {type(row).__name__}")
+                rows.append(row)
+    return rows
 
 
 def file_sha256(path: str | Path) -> str:

@@ -37,6 +37,10 @@ def read_cache(path: Path) -> dict[str, dict]:
         if not (isinstance(row, dict) and isinstance(row.get("key"), str) and isinstance(row.get("answer"), str)):
             raise DeliaError(f"{path}:{n}: not a cache record (key, answer); delete this line or the file to "
                              "generate its answers again")
+        size = row.get("size", 1)
+        if isinstance(size, bool) or not isinstance(size, int) or size < 1:
+            raise DeliaError(f"{path}:{n}: 'size' must be a positive integer (the lines of its batch), got {size!r}; "
+                             "delete this line or the file to generate its answers again")
         if row.get("batch") != batch or not rows:
             batch, rows = row.get("batch"), []
         rows.append(row)

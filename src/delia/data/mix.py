@@ -108,11 +108,26 @@ def mix_files(task_rows: list[dict], diverse_path: Path, ratio: float, seed: int
                     write(task_lines[i])
                 else:
                     i -= n_task
-                    write(pread(fd, ends[i] - starts[i], starts[i]))
+                    line = pread(fd, ends[i] - starts[i], starts[i])
+                    _check_diverse(line, diverse_path, starts[i])
+                    write(line)
                     write(b"\n")
     finally:
         os.close(fd)
     return n_diverse
+
+
+def _check_diverse(line: bytes, path: Path, offset: int) -> None:
+    """A diverse line is copied as it is, so it is checked first: a JSON object with a list of messages."""
+    try:
+        row = json.loads(line)
+    except (ValueError, RecursionError):
+        row = None
+    if not (isinstance(row, dict) and isinstance(row.get("messages"), list)):
+        with open(path, "rb") as f:
+            n = f.read(offset).count(b"\n") + 1
+        raise DeliaError(f"{path}:{n}: not a JSON object with messages; the file was changed after `sample` wrote "
+                         "it: delete it and run sample again (its cache keeps the answers)")
 
 
 # What each kind of trained arm trains on (`Arm.data`): one builder per kind, run by the mix stage.
