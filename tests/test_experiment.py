@@ -126,9 +126,19 @@ def test_experiment_survives_sigkill_and_reports_every_row(experiment):
     ("base: b.yaml\ndir: x\nrun: []\n", "unknown key 'run'"),
     ("base: [b.yaml\n", "exp.yaml:2: invalid YAML"),
     ("base: b.yaml\ndir: x\nruns: [{name: a}]\nby: task.nope\n", "'by': 'task.nope' is not a setting"),
+    ("base: b.yaml\ndir: 5\nruns: [{name: a}]\n", "exp.yaml:2: 'dir': expected a path, got 5"),
+    ("base: b.yaml\ndir: [a, b]\nruns: [{name: a}]\n", "'dir': expected a path"),
+    ("base: b.yaml\ndir: ''\nruns: [{name: a}]\n", "'dir': expected a path"),
+    ("base: b.yaml\ndir: .\nruns: [{name: a}]\n", "'dir': '.' is the filesystem root, the current folder or one above"),
+    ("base: b.yaml\ndir: {tmp}/b.yaml\nruns: [{name: a}]\n", "b.yaml is a file, not a folder"),
+    ("base: 5\ndir: x\nruns: [{name: a}]\n", "exp.yaml:1: 'base': expected a path, got 5"),
+    ("base: nope.yaml\ndir: x\nruns: [{name: a}]\n", "'base': 'nope.yaml' is not a config file"),
+    ("base: b.yaml\ndir: x\nruns: [{name: " + "a" * 300 + "}]\n", "'runs[0].name'"),
+    ('base: b.yaml\ndir: x\nruns: [{name: "a\\0b"}]\n', "'runs[0].name'"),
 ])
 def test_bad_experiment_files_get_one_line(tmp_path, text, message):
-    (tmp_path / "exp.yaml").write_text(text)
+    (tmp_path / "b.yaml").write_text("seed: 0\n")
+    (tmp_path / "exp.yaml").write_text(text.replace("{tmp}", str(tmp_path)))
     with pytest.raises(DeliaError, match=message.replace("[", r"\[").replace("]", r"\]").replace(".", r"\.")) as e:
         load_experiment(tmp_path / "exp.yaml")
     assert "\n" not in str(e.value) and "exp.yaml" in str(e.value)
@@ -159,3 +169,44 @@ def test_a_report_lists_only_the_arms_its_config_runs(tmp_path):
         path.write_text(json.dumps({"untouched (random init)": {}, "delia": {}, "kl_anchor": {}}))
     data = collect(cfg)
     assert list(data["token_distance"]) == list(data["divergent"]) == ["untouched (random init)", "delia"]
+
+
+def test_report_only_names_a_run_whose_report_is_cut_short(tmp_path):
+    from delia.experiment import run_experiment
+
+    (tmp_path / "b.yaml").write_text("arms: [untouched]\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"base: b.yaml\ndir: {tmp_path / 'exp'}\nruns: [{{name: whole}}, {{name: cut}}]\n")
+    for name, text in (("whole", "{}"), ("cut", '{"arms": {"untou')):
+        (tmp_path / "exp" / name / "seed-0").mkdir(parents=True)
+        (tmp_path / "exp" / name / "seed-0" / "report.json").write_text(text)
+    report = run_experiment(exp, report_only=True).read_text()
+    assert "Not finished when this report was made (`--report-only`): cut seed 0 (its report.json is cut short" in report
+
+
+def test_a_run_whose_task_fails_gets_no_shared_cache_first(tiny_model_dir, tmp_path):
+    from delia.experiment import run_experiment
+
+    (tmp_path / "b.yaml").write_text(f"model:\n  name: {tiny_model_dir}\narms: [untouched, delia]\n")
+    exp = tmp_path / "exp.yaml"
+    exp.write_text(f"base: b.yaml\ndir: {tmp_path / 'exp'}\nruns:\n  - name: bad\n    set: [task.source={tmp_path / 'none.jsonl'}]\n"
+                   "  - name: good\n")
+    cache = tmp_path / "exp" / "good" / "seed-0" / "sample" / "cache.jsonl"
+    cache.parent.mkdir(parents=True)
+    cache.write_text('{"key": "k", "answer": "a", "tokens": 1}\n')
+    with pytest.raises(DeliaError, match="none.jsonl"):
+        run_experiment(exp)
+    assert not (tmp_path / "exp" / "bad" / "seed-0" / "sample").exists()
+
+
+def test_a_report_of_a_run_that_has_not_run_is_refused(tmp_path):
+    import contextlib
+    import io
+
+    from delia.cli import main
+
+    err = io.StringIO()
+    with contextlib.redirect_stderr(err):
+        code = main(["report", "configs/demo.yaml", "--set", f"run_dir={tmp_path / 'run'}"])
+    assert code == 2 and "nothing to report: no stage has finished" in err.getvalue(), err.getvalue()
+    assert not (tmp_path / "run" / "report.md").exists()

@@ -467,12 +467,12 @@ def _check(value: Any, hint: Any, where: str, path: str) -> Any:
             raise DeliaError(f"{path}: '{where}': must be a finite number, got {value!r}")
     elif isinstance(value, hint) and not (hint is int and isinstance(value, bool)):
         if hint is str:
-            _text(value, where, path)
+            check_text(value, where, path)
         return value
     raise DeliaError(f"{path}: '{where}': expected {hint.__name__}, got {value!r}")
 
 
-def _text(value: str, where: str, path: str) -> None:
+def check_text(value: str, where: str, path: str) -> None:
     """Text a file, a path and a tokenizer can all hold: no NUL, no lone surrogate."""
     if "\x00" in value:
         raise DeliaError(f"{path}: '{where}': holds a NUL character at {value.index(chr(0))}")
@@ -509,7 +509,7 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
         if cfg.task.kind not in ARMS[name].task_kinds:
             raise DeliaError(f"{path}: 'arms': {name} is for {' or '.join(ARMS[name].task_kinds)} tasks "
                              f"(task.kind is {cfg.task.kind!r})")
-    _check_run_dir(cfg.run_dir, path)
+    check_run_dir(cfg.run_dir, path)
     if cfg.task.kind == "translation" and cfg.task.source == "demo":
         raise DeliaError(f"{path}: 'task.source': a translation task reads pairs (e.g. data/en-is from `delia data en-is`)")
     if cfg.task.metric == "regex":
@@ -553,7 +553,7 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
     return cfg
 
 
-def _check_run_dir(run_dir: str, path: str) -> None:
+def check_run_dir(run_dir: str, path: str) -> None:
     """A run folder is a folder of its own: not the root, the current folder or one above it, not under a
     file, not in the kernel's folders."""
     folder = Path(run_dir).expanduser().resolve()

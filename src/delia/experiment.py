@@ -27,6 +27,8 @@ from .errors import DeliaError
 from .runfolder import RunFolder, write_json, write_text
 
 KEYS = {"base", "dir", "seeds", "set", "runs", "by"}
+NAME_LIMIT = 100
+"""Characters a run's name (a folder's) may have."""
 
 
 def load_experiment(path: str | Path) -> dict:
@@ -49,6 +51,18 @@ def _check_experiment(path: Path, data) -> dict:
     for key in ("base", "dir", "runs"):
         if key not in data:
             raise DeliaError(f"{path}: '{key}' is missing")
+        if key != "runs" and not (isinstance(data[key], str) and data[key].strip()):
+            raise DeliaError(f"{path}: '{key}': expected a path, got {data[key]!r}")
+    from .config import check_run_dir, check_text
+
+    check_text(data["dir"], "dir", str(path))
+    try:
+        check_run_dir(data["dir"], str(path))
+    except DeliaError as e:  # the same rules as a run folder's
+        raise DeliaError(str(e).replace("'run_dir'", "'dir'").replace("one run's files", "an experiment's runs")) from None
+    base = (path.parent / data["base"]).resolve()
+    if not base.is_file():
+        raise DeliaError(f"{path}: 'base': {data['base']!r} is not a config file (read from {base})")
     seeds = data.get("seeds", [0])
     if not isinstance(seeds, list) or not seeds or not all(isinstance(s, int) and not isinstance(s, bool) for s in seeds):
         raise DeliaError(f"{path}: 'seeds': expected a list of integers, got {seeds!r}")
@@ -60,8 +74,9 @@ def _check_experiment(path: Path, data) -> dict:
         if not isinstance(run, dict) or not isinstance(run.get("name"), str) or set(run) - {"name", "set"}:
             raise DeliaError(f"{path}: 'runs[{i}]': expected a mapping with a name and an optional set list")
         name = run["name"]
-        if not name or "/" in name or name.startswith(".") or name in names:
-            raise DeliaError(f"{path}: 'runs[{i}].name': {name!r} must be unique, non-empty, without '/' or a leading dot")
+        if not name or "/" in name or name.startswith(".") or name in names or not name.isprintable() or len(name) > NAME_LIMIT:
+            raise DeliaError(f"{path}: 'runs[{i}].name': {name[:40]!r}{'...' if len(name) > 40 else ''} must be unique, "
+                             f"non-empty, printable, at most {NAME_LIMIT} characters, without '/' or a leading dot")
         names.add(name)
     for where, sets in [("set", data.get("set", []))] + [(f"runs[{i}].set", r.get("set", [])) for i, r in enumerate(runs)]:
         if not isinstance(sets, list) or not all(isinstance(s, str) for s in sets):
@@ -74,8 +89,20 @@ def _check_experiment(path: Path, data) -> dict:
             setting(config_dict(RunConfig()), by)
         except (KeyError, TypeError, AttributeError):
             raise DeliaError(f"{path}: 'by': {by!r} is not a setting (e.g. task.train_rows)") from None
-    base = (path.parent / data["base"]).resolve()
     return {"base": str(base), "dir": data["dir"], "seeds": seeds, "set": data.get("set", []), "runs": runs, "by": by}
+
+
+def _unfinished(report: Path) -> str | None:
+    """None for a run whose report is whole, else why it is not counted ('' when it has none)."""
+    import json
+
+    try:
+        json.loads(report.read_text(encoding="utf-8"))
+    except FileNotFoundError:
+        return ""
+    except (OSError, ValueError):
+        return " (its report.json is cut short or unreadable: run it again)"
+    return None
 
 
 def setting(cfg: dict, key: str):
@@ -119,13 +146,13 @@ def run_experiment(path: str | Path, report_only: bool = False) -> Path:
     missing = []
     for i, (name, seed, cfg) in enumerate(configs, 1):
         if report_only:
-            if not (Path(cfg.run_dir) / "report.json").exists():
-                missing.append(f"{name} seed {seed}")
+            if (why := _unfinished(Path(cfg.run_dir) / "report.json")) is not None:
+                missing.append(f"{name} seed {seed}{why}")
                 continue
         else:
             print(f"delia: experiment run {i}/{len(configs)}: {name}, seed {seed}", flush=True)
-            seed_cache(RunFolder(cfg.run_dir).sample_cache, [RunFolder(d).sample_cache for d in exp_dir.glob(f"*/seed-{seed}")])
-            run_all(cfg)
+            shared = [RunFolder(d).sample_cache for d in exp_dir.glob(f"*/seed-{seed}")]
+            run_all(cfg, before_sample=lambda c=cfg, s=shared: seed_cache(RunFolder(c.run_dir).sample_cache, s))
         data = collect(cfg)
         results.append({"run": name, "seed": seed, "run_dir": cfg.run_dir, "arms": data["arms"],
                         "by": setting(data["config"], exp["by"]) if exp["by"] else None,

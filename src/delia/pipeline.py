@@ -403,13 +403,16 @@ def stage_report(cfg: RunConfig) -> Path:
     return write_report(cfg)
 
 
-def run_all(cfg: RunConfig) -> Path:
-    """The whole chain for the configured arms; returns the report's path."""
+def run_all(cfg: RunConfig, before_sample=None) -> Path:
+    """The whole chain for the configured arms; returns the report's path. `before_sample()` runs once the
+    task stage has passed (an experiment starts the run's sample cache from another run's there)."""
     if why := missing_dependency(cfg.arms):
         raise DeliaError(f"arms: {why}")
     if any(ARMS[a].trained and not ARMS[a].token_only for a in cfg.arms):  # before any stage works
         check_target_modules(cfg.model, cfg.train.target_modules)
     stage_task(cfg)
+    if before_sample:
+        before_sample()
     if _needs_diverse(cfg):
         if cfg.diversify.paraphrases > 0:
             stage_diversify(cfg)

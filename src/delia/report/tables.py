@@ -12,6 +12,7 @@ from pathlib import Path
 
 from ..arms import ARMS, COMPARISONS, EPOCH, comparison, label
 from ..config import RunConfig, config_dict
+from ..errors import DeliaError
 from ..runfolder import RunFolder, atomic_path, read_manifest, write_json, write_text
 
 
@@ -309,6 +310,9 @@ def write_report(cfg: RunConfig) -> Path:
 
     data = collect(cfg)
     run = RunFolder(cfg.run_dir)
+    if not data["arms"] and not data["stages"]:
+        raise DeliaError(f"{cfg.run_dir}: nothing to report: no stage has finished in this run folder "
+                         "(run `delia run CONFIG` first)")
     if points := tradeoff_points({a: [r] for a, r in data["arms"].items()}):
         with atomic_path(run.root / "tradeoff.png") as tmp:
             plot_tradeoff(points, tmp, f"{cfg.run_dir}: one seed")
