@@ -51,3 +51,26 @@ def test_load_config_takes_a_dict_or_keywords_and_checks_them():
         delia.stage("sampel", cfg)
     with pytest.raises(DeliaError, match="name the arm"):
         delia.stage("train", cfg)
+
+
+@pytest.mark.parametrize("call,words", [
+    (lambda: delia.load_config(5), "load_config: expected a config file's path, a dict of settings or None, got int"),
+    (lambda: delia.load_config(None, "seed=1"), "overrides must be a list of KEY=VALUE strings"),
+    (lambda: delia.mix([], [], ratio=-1), "delia.mix: 'mix.ratio': must be >= 0, got -1"),
+    (lambda: delia.mix([], [], ratio=float("nan")), "'mix.ratio': must be a finite number"),
+    (lambda: delia.mix([], [], ratio=float("inf")), "'mix.ratio': must be a finite number"),
+    (lambda: delia.mix([], [], ratio=[3]), "'mix.ratio': expected float"),
+    (lambda: delia.mix([], [], ratio=1, seed=-1), "delia.mix: 'seed': must be >= 0"),
+    (lambda: delia.self_sample(["hi"], temperature=-1), "delia.self_sample: 'sample.temperature': must be >= 0"),
+    (lambda: delia.self_sample(["hi"], top_p=5), "'sample.top_p': must be > 0 and <= 1, got 5"),
+    (lambda: delia.self_sample(["hi"], backend="bogus"), "'generation.backend': expected one of"),
+    (lambda: delia.self_sample(["hi"], batch_size=0), "'sample.batch_size': must be >= 1, got 0"),
+    (lambda: delia.self_sample(["hi"], max_new_tokens=-5), "'sample.max_new_tokens': must be >= 1"),
+    (lambda: delia.self_sample(["hi"], cut_answers="trim"), "'sample.cut_answers': expected one of"),
+    (lambda: delia.self_sample(["hi"], n=-2), "delia.self_sample: 'n': must be an integer >= 0"),
+    (lambda: delia.self_sample([], model="/nonexistent"), "delia.self_sample: 'queries': no queries"),
+])
+def test_every_api_entry_point_checks_its_values_as_the_config_does(call, words):
+    with pytest.raises(DeliaError) as e:
+        call()
+    assert words in str(e.value) and "\n" not in str(e.value), str(e.value)

@@ -14,8 +14,9 @@ from __future__ import annotations
 import tempfile
 from pathlib import Path
 
-from .config import GenerationConfig, ModelConfig, RunConfig, SampleConfig
+from .config import GenerationConfig, MixConfig, ModelConfig, RunConfig, SampleConfig
 from .config import load_config as _load
+from .config import section
 from .errors import DeliaError
 
 
@@ -24,7 +25,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
     merged over them by section (`mix={"ratio": 5}`), then `overrides` (`"mix.ratio=5"`) apply. Checked
     as `delia run` checks a file."""
     if not sections:
-        return _load(source, list(overrides))
+        return _load(source, overrides)
     import copy
 
     from .config import read_yaml
@@ -35,7 +36,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
             data[name] = {**data[name], **values}
         else:
             data[name] = values
-    return _load(data, list(overrides))
+    return _load(data, overrides)
 
 
 def run(cfg: RunConfig) -> Path:
@@ -90,13 +91,22 @@ def self_sample(queries, model: str = "smollm2-135m-instruct", n: int = 0, max_n
     from .data.sample import sample_diverse
     from .runfolder import read_jsonl
 
+    caller = "delia.self_sample"
+    cfg = section(SampleConfig, {"max_new_tokens": max_new_tokens, "temperature": temperature, "top_p": top_p,
+                                 "batch_size": batch_size, "cut_answers": cut_answers}, "sample", caller)
+    section(RunConfig, {"seed": seed}, "", caller)
+    model_cfg = section(ModelConfig, {"name": model}, "model", caller)
+    gen_cfg = section(GenerationConfig, {"backend": backend}, "generation", caller)
+    if backend == "openai":
+        raise DeliaError(f"{caller}: 'generation.backend': openai needs a server; use delia.load_config and delia.stage")
+    if isinstance(n, bool) or not isinstance(n, int) or n < 0:
+        raise DeliaError(f"{caller}: 'n': must be an integer >= 0, got {n!r}")
     conversations = _conversations(queries)
-    cfg = SampleConfig(max_new_tokens=max_new_tokens, temperature=temperature, top_p=top_p, batch_size=batch_size,
-                       cut_answers=cut_answers)
+    if not conversations:
+        raise DeliaError(f"{caller}: 'queries': no queries to answer")
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(folder) if folder else Path(tmp)
-        path, _ = sample_diverse(conversations, ModelConfig(name=model), cfg, n or len(conversations), out, seed,
-                                 GenerationConfig(backend=backend))
+        path, _ = sample_diverse(conversations, model_cfg, cfg, n or len(conversations), out, seed, gen_cfg)
         rows = read_jsonl(path)
     return Dataset.from_list([{"messages": r["messages"], "ended": r["ended"], "open_end": r.get("open_end", False)}
                               for r in rows])
@@ -110,6 +120,9 @@ def mix(task, diverse, ratio: float, seed: int = 0):
 
     from .data.formats import load_conversations
     from .data.mix import mix_with_diverse
+
+    ratio = section(MixConfig, {"ratio": ratio}, "mix", "delia.mix").ratio
+    section(RunConfig, {"seed": seed}, "", "delia.mix")
 
     def rows(data) -> list[dict]:
         if isinstance(data, (str, Path)):

@@ -419,6 +419,12 @@ def plan_batches(cfg: TrainConfig, n_rows: int, processes: int) -> tuple[int, in
     return batch, micro, batch // (micro * processes)
 
 
+def section(cls, data: dict, where: str, caller: str):
+    """One config section (or the run's top level: `RunConfig`, where '') built from `data` and checked
+    against the same types and domains as a config file; errors name `caller` and the field."""
+    return _build(cls, data, where, caller)
+
+
 def _build(cls, data: Any, where: str, path: str):
     if not isinstance(data, dict):
         raise DeliaError(f"{path}: '{where}': expected a mapping, got {type(data).__name__}")
@@ -654,6 +660,11 @@ def load_config(path: str | Path | dict | None = None, overrides: list[str] = ()
     """Read a YAML config (or a dict of settings shaped as the YAML, or the defaults when None) and apply
     `a.b=value` overrides. An error names the file and line of the bad key (or the --set that gave it)."""
     data: dict = {}
+    if path is not None and not isinstance(path, (str, Path, dict)):
+        raise DeliaError(f"load_config: expected a config file's path, a dict of settings or None, got "
+                         f"{type(path).__name__} {path!r}"[:200])
+    if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
+        raise DeliaError(f"load_config: overrides must be a list of KEY=VALUE strings, got {overrides!r}"[:200])
     where = "<dict>" if isinstance(path, dict) else str(path) if path else "<defaults>"
     lines: dict[str, str] = {}
     if isinstance(path, dict):
