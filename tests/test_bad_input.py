@@ -437,6 +437,11 @@ def test_too_few_queries_for_the_ratio_is_said_before_sampling(tmp_path):
     assert not (tmp_path / "run" / "sample").exists()  # nothing sampled
 
 
+def test_an_override_inside_a_setting_is_blamed_on_the_override(tmp_path):
+    code, err = _delia("task", "configs/demo.yaml", "--set", f"run_dir={tmp_path / 'run'}", "--set", "train.lora_r.x=1")
+    assert code == 2 and err.startswith("delia: error: --set train.lora_r.x=1: 'train.lora_r': expected int"), err
+
+
 def test_a_run_dir_that_is_or_lies_under_a_file_is_refused_at_load(tmp_path):
     (tmp_path / "f").write_text("x")
     for run_dir in (tmp_path / "f", tmp_path / "f" / "run"):

@@ -756,6 +756,9 @@ def locate(message: str, where: str, lines: dict[str, str]) -> str:
     if not match:
         return message
     named = key = match.group(1)
+    below = [k for k, at in lines.items() if at.startswith("--set") and k.startswith((named + ".", named + "["))]
+    if key not in lines and below:  # an override that reached inside the named setting
+        key = below[0]
     while key and key not in lines:  # runs[1].name, then runs[1], then runs, then nothing
         shorter = re.sub(r"(\.[^.\[]*|\[\d+\])$", "", key)
         key = shorter if shorter != key else ""
