@@ -94,3 +94,15 @@ def test_a_trained_arm_and_its_controls_evaluate_as_locally(tiny_model_dir, cach
     assert (answers("generations.jsonl"), answers("controls.jsonl")) == local
     groups = {json.loads(line)["group"] for line in open(tmp_path / "run" / "eval" / "common" / "controls.jsonl")}
     assert "other_token" in groups  # the control token added to the arm's model, converted as it is in memory
+
+
+def test_cuda_without_a_gpu_is_one_line(monkeypatch):
+    import ctranslate2
+
+    from delia import DeliaError
+    from delia.model.backends import ct2_device
+
+    monkeypatch.setattr(ctranslate2, "get_cuda_device_count", lambda: 0)
+    with pytest.raises(DeliaError, match="model.device: cuda, but CTranslate2 sees no CUDA GPU"):
+        ct2_device("cuda")
+    assert ct2_device("auto") == ct2_device("cpu") == "cpu"
