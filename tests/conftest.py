@@ -43,6 +43,40 @@ def tiny_model_dir(tmp_path_factory):
     return str(folder)
 
 
+@pytest.fixture(scope="session")
+def tiny_gemma_dir(tmp_path_factory):
+    """A tiny random Gemma 3 (sliding and full attention layers, tied embeddings, Gemma's embedding
+    scaling) with Gemma's special tokens and delia's built-in `gemma` turn format, saved as a model folder:
+    the second family's code paths at test size."""
+    import torch
+    from tokenizers import Tokenizer, decoders, models, pre_tokenizers, trainers
+    from transformers import Gemma3ForCausalLM, Gemma3TextConfig, GenerationConfig, PreTrainedTokenizerFast
+
+    from delia.config import CHAT_TEMPLATES
+
+    folder = tmp_path_factory.mktemp("tiny-gemma3")
+    tok = Tokenizer(models.BPE())
+    tok.pre_tokenizer = pre_tokenizers.ByteLevel(add_prefix_space=False)
+    tok.decoder = decoders.ByteLevel()
+    tok.train_from_iterator(CORPUS, trainers.BpeTrainer(
+        vocab_size=420, special_tokens=["<pad>", "<eos>", "<bos>", "<unk>", "<start_of_turn>", "<end_of_turn>"],
+        initial_alphabet=pre_tokenizers.ByteLevel.alphabet()))
+    tokenizer = PreTrainedTokenizerFast(tokenizer_object=tok, bos_token="<bos>", eos_token="<eos>", pad_token="<pad>",
+                                        unk_token="<unk>", additional_special_tokens=["<start_of_turn>", "<end_of_turn>"])
+    tokenizer.chat_template = CHAT_TEMPLATES["gemma"]
+    tokenizer.save_pretrained(folder)
+    torch.manual_seed(0)
+    config = Gemma3TextConfig(vocab_size=len(tokenizer), hidden_size=32, intermediate_size=64, num_hidden_layers=2,
+                              num_attention_heads=4, num_key_value_heads=2, head_dim=8, sliding_window=8,
+                              layer_types=["sliding_attention", "full_attention"], max_position_embeddings=512,
+                              tie_word_embeddings=True, pad_token_id=0, eos_token_id=1, bos_token_id=2)
+    model = Gemma3ForCausalLM(config)
+    model.generation_config = GenerationConfig(bos_token_id=2, pad_token_id=0,
+                                               eos_token_id=[1, tokenizer.convert_tokens_to_ids("<end_of_turn>")])
+    model.save_pretrained(folder)
+    return str(folder)
+
+
 @pytest.fixture
 def tiny(tiny_model_dir):
     """(model, tokenizer) freshly loaded through delia.model.loading.load_model."""

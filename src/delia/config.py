@@ -62,7 +62,7 @@ class ModelConfig:
     """Run code shipped with the model. Off unless you turn it on."""
     chat_template: str = ""
     """A chat template for a model whose tokenizer has none (or to replace its own): a known name
-    (`chatml`) or a Jinja file. Empty = the tokenizer's own."""
+    (`chatml`, `gemma`) or a Jinja file. Empty = the tokenizer's own."""
     dtype: Literal["auto", "float32", "bfloat16", "float16"] = "auto"
     """Weights dtype for training and generation: `auto` (bfloat16 on a GPU that supports it, else float32),
     float32, bfloat16 or float16."""
@@ -395,6 +395,12 @@ TRACKER_PACKAGES = {"tensorboard": "tensorboard", "trackio": "trackio", "wandb":
 CHAT_TEMPLATES = {
     "chatml": ("{% for message in messages %}{{ '<|im_start|>' + message['role'] + '\n' + message['content'] + "
                "'<|im_end|>' + '\n' }}{% endfor %}{% if add_generation_prompt %}{{ '<|im_start|>assistant\n' }}{% endif %}"),
+    # Gemma's turn format: the assistant is the `model`; a system prompt opens the first user turn
+    "gemma": ("{{ bos_token }}{% set system = messages[0]['content'] + '\n\n' if messages[0]['role'] == 'system' else '' %}"
+              "{% for message in messages if message['role'] != 'system' %}"
+              "{{ '<start_of_turn>' + ('model' if message['role'] == 'assistant' else 'user') + '\n' }}"
+              "{% if loop.first %}{{ system }}{% endif %}{{ message['content'] + '<end_of_turn>\n' }}{% endfor %}"
+              "{% if add_generation_prompt %}{{ '<start_of_turn>model\n' }}{% endif %}"),
 }
 """Chat templates known by name (`model.chat_template`); anything else is read as a Jinja file."""
 VIRTUAL_ROOTS = ("/dev", "/proc", "/sys")

