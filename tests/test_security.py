@@ -27,7 +27,7 @@ def test_remote_code_is_not_run_unless_turned_on(tiny_model_dir, tmp_path):
     from delia import DeliaError
     from delia.config import load_config
     from delia.model.loading import load_model
-    from delia.pipeline import stage_report
+    from delia.pipeline import stage_report, stage_task
 
     folder = tmp_path / "model"
     shutil.copytree(tiny_model_dir, folder)
@@ -50,6 +50,7 @@ def test_remote_code_is_not_run_unless_turned_on(tiny_model_dir, tmp_path):
     assert marker.exists()
     on = load_config(None, [f"run_dir={tmp_path / 'on'}", "model.trust_remote_code=true"])
     off = load_config(None, [f"run_dir={tmp_path / 'off'}"])
+    stage_task(on), stage_task(off)  # a report needs a finished stage
     assert "trust_remote_code: ON" in stage_report(on).read_text()
     assert "trust_remote_code: off" in stage_report(off).read_text()
 
