@@ -289,3 +289,26 @@ def test_an_evaluation_row_among_the_training_rows_stops_the_counterfactual_mix(
     with pytest.raises(DeliaError, match="an evaluation row is among the training rows"):
         stage_mix(cfg)
     assert not (tmp_path / "mix" / "counterfactual.jsonl").exists()
+
+
+def test_the_row_alone_trains_at_its_own_learning_rate_when_set(tiny_model_dir, tmp_path):
+    import torch
+
+    from delia.model.arm import arm_model
+    from delia.pipeline import stage_mix, stage_sample, stage_task, stage_train
+
+    moved = {}
+    for lr in (0.0, 0.5):
+        cfg = _cfg(tiny_model_dir, tmp_path / str(lr), "arms=[untouched, delia, token_row]", "train.learning_rate=1e-3",
+                   f"baselines.token_row_lr={lr}")
+        stage_task(cfg)
+        stage_sample(cfg)
+        stage_mix(cfg)
+        done = stage_train(cfg, "token_row")
+        assert done["settings"].get("learning_rate") == (lr or None)
+        model, tok = arm_model(cfg, "token_row")
+        sep = tok.convert_tokens_to_ids("<sep>")
+        init, _ = arm_model(cfg, "init_random")
+        moved[lr] = float((model.merge_and_unload().get_input_embeddings().weight[sep]
+                           - init.get_input_embeddings().weight[sep]).norm())
+    assert moved[0.5] > 50 * moved[0.0] > 0, moved

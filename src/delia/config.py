@@ -343,6 +343,9 @@ class BaselinesConfig:
     kl_anchor_beta: Annotated[float, NonNegative] = 1.0
     """`kl_anchor` arm: weight of the KL term to the untouched model on the diverse rows."""
     token_distill_beta: Annotated[float, NonNegative] = 1.0
+    token_row_lr: Annotated[float, NonNegative] = 0.0
+    """`token_row` arm (and the first stage of `token_first`): the learning rate of the token's row when it
+    trains alone (0 = train.learning_rate; prompt tuning, which trains only such rows, uses far larger ones)."""
     """`token_distilled` arm: weight of the KL term to the untouched model reading the description."""
     self_distill_prefill: bool = True
     """`self_distilled` arms: start the rewrite's reply with the opening every reference answer shares

@@ -9,6 +9,7 @@ chain (sweep, tune-ratio, diagnose) are in `delia.studies`.
 
 from __future__ import annotations
 
+import dataclasses
 from pathlib import Path
 
 from .arms import ARMS, REFERENCE, missing_dependency, trained_arms, training_order
@@ -256,7 +257,8 @@ def stage_train(cfg: RunConfig, arm: str) -> dict:
     rows = read_jsonl(data)  # a changed file is one line before the model loads
     print(f"delia: train {arm}{budget}", flush=True)
     model, tokenizer = base_model(cfg)
-    stats = train_lora(model, tokenizer, rows, cfg.train, cfg.task, run.train(arm), cfg.seed, max_steps,
+    train_cfg = dataclasses.replace(cfg.train, learning_rate=traits["learning_rate"]) if "learning_rate" in traits else cfg.train
+    stats = train_lora(model, tokenizer, rows, train_cfg, cfg.task, run.train(arm), cfg.seed, max_steps,
                        run_key=stage.key, **options)
     if a.continues_from:  # count both stages
         first = _trained(cfg, a.continues_from)
@@ -283,6 +285,8 @@ def _training_traits(cfg: RunConfig, arm: str) -> tuple[dict, dict]:
     for trait in ("gist", "token_only"):
         if getattr(a, trait):
             key[trait] = options[trait] = True
+    if a.token_only and b.token_row_lr:
+        key["learning_rate"] = b.token_row_lr
     if a.continues_from:
         first = adapter_of(cfg, a.continues_from)
         if a.continue_as == "tokens":
