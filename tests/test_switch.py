@@ -292,8 +292,6 @@ def test_an_evaluation_row_among_the_training_rows_stops_the_counterfactual_mix(
 
 
 def test_the_row_alone_trains_at_its_own_learning_rate_when_set(tiny_model_dir, tmp_path):
-    import torch
-
     from delia.model.arm import arm_model
     from delia.pipeline import stage_mix, stage_sample, stage_task, stage_train
 
