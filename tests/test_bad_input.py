@@ -331,26 +331,18 @@ def test_a_folder_or_a_link_loop_is_named_as_what_it_is(tmp_path):
         assert code == 2 and err.count("\n") == 1 and words in err, err
 
 
-def test_a_corrupt_cache_line_names_the_cache_and_the_line(task_run):
+@pytest.mark.parametrize("text,words", [
+    ('{"key": "k", "answer": "a", "tokens": 1}\n{"key": \n', ":2: invalid JSON"),
+    ('{"key": "k", "answer": "a", "tokens": 1, "batch": "b", "size": "2"}\n', ":1: 'size' must be a positive integer"),
+])
+def test_a_corrupt_cache_line_names_the_cache_and_the_line(task_run, text, words):
     cache = task_run / "sample" / "cache.jsonl"
     cache.parent.mkdir(exist_ok=True)
     kept = cache.read_text() if cache.exists() else ""
     try:
-        cache.write_text('{"key": "k", "answer": "a", "tokens": 1}\n{"key": \n')
+        cache.write_text(text)
         code, err = _delia("sample", str(task_run / "c.yaml"))
-        assert code == 2 and err.count("\n") == 1 and f"{cache}:2: invalid JSON" in err, err
-    finally:
-        cache.write_text(kept)
-
-
-def test_a_cache_line_whose_batch_size_is_not_a_count_is_named(task_run):
-    cache = task_run / "sample" / "cache.jsonl"
-    cache.parent.mkdir(exist_ok=True)
-    kept = cache.read_text() if cache.exists() else ""
-    try:
-        cache.write_text('{"key": "k", "answer": "a", "tokens": 1, "batch": "b", "size": "2"}\n')
-        code, err = _delia("sample", str(task_run / "c.yaml"))
-        assert code == 2 and err.count("\n") == 1 and f"{cache}:1: 'size' must be a positive integer" in err, err
+        assert code == 2 and err.count("\n") == 1 and f"{cache}{words}" in err, err
     finally:
         cache.write_text(kept)
 
