@@ -56,6 +56,7 @@ def test_load_config_takes_a_dict_or_keywords_and_checks_them():
 @pytest.mark.parametrize("call,words", [
     (lambda: delia.load_config(5), "load_config: expected a config file's path, a dict of settings or None, got int"),
     (lambda: delia.load_config(None, "seed=1"), "overrides must be a list of KEY=VALUE strings"),
+    (lambda: delia.load_config(5, mix={"ratio": 1}), "load_config: expected a config file's path"),
     (lambda: delia.mix([], [], ratio=-1), "delia.mix: 'mix.ratio': must be >= 0, got -1"),
     (lambda: delia.mix([], [], ratio=float("nan")), "'mix.ratio': must be a finite number"),
     (lambda: delia.mix([], [], ratio=float("inf")), "'mix.ratio': must be a finite number"),

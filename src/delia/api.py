@@ -15,8 +15,8 @@ import tempfile
 from pathlib import Path
 
 from .config import GenerationConfig, MixConfig, ModelConfig, RunConfig, SampleConfig
+from .config import check_load_arguments, section
 from .config import load_config as _load
-from .config import section
 from .errors import DeliaError
 
 
@@ -24,6 +24,7 @@ def load_config(source: str | Path | dict | None = None, overrides: list[str] = 
     """A run's settings from a YAML file, a dict shaped as the YAML, or the defaults; `sections` are
     merged over them by section (`mix={"ratio": 5}`), then `overrides` (`"mix.ratio=5"`) apply. Checked
     as `delia run` checks a file."""
+    check_load_arguments(source, overrides)
     if not sections:
         return _load(source, overrides)
     import copy

@@ -156,6 +156,11 @@ BUILT_IN = {ALPACA_DEMO: 999, "dpo_en_demo": 295, "kto_en_demo": 297}
 distinct first user turns (one multi-turn chat is one query)."""
 
 
+def source_name(spec: str) -> str:
+    """What a source names: a path, or the NAME of `hf:NAME[:CONFIG][@SPLIT]`."""
+    return spec[3:].partition("@")[0].partition(":")[0] if spec.startswith("hf:") else spec
+
+
 def query_parts(spec: str) -> list[str]:
     """The sources of a `sample.queries` value: comma-separated, read in that order."""
     return [p.strip() for p in str(spec).split(",")]
@@ -343,10 +348,10 @@ class BaselinesConfig:
     kl_anchor_beta: Annotated[float, NonNegative] = 1.0
     """`kl_anchor` arm: weight of the KL term to the untouched model on the diverse rows."""
     token_distill_beta: Annotated[float, NonNegative] = 1.0
+    """`token_distilled` arm: weight of the KL term to the untouched model reading the description."""
     token_row_lr: Annotated[float, NonNegative] = 0.0
     """`token_row` arm (and the first stage of `token_first`): the learning rate of the token's row when it
     trains alone (0 = train.learning_rate; prompt tuning, which trains only such rows, uses far larger ones)."""
-    """`token_distilled` arm: weight of the KL term to the untouched model reading the description."""
     self_distill_prefill: bool = True
     """`self_distilled` arms: start the rewrite's reply with the opening every reference answer shares
     (the format's scaffold, e.g. `{"thought": "`), so a small model rewrites in the format rather than in
@@ -563,24 +568,24 @@ def _validate(cfg: RunConfig, path: str) -> RunConfig:
     _check_training(cfg, path)
     for where, spec in (("task.source", cfg.task.source), ("task.eval_source", cfg.task.eval_source),
                         *(("sample.queries", part) for part in parts)):
-        if (where != "task.eval_source" or spec) and not spec.removeprefix("hf:").split("@")[0].split(":")[0].strip():
+        if (where != "task.eval_source" or spec) and not source_name(spec).strip():
             raise DeliaError(f"{path}: '{where}': {spec!r} names no source (a file, a folder, hf:NAME or a built-in set)")
     return cfg
 
 
-def check_run_dir(run_dir: str, path: str) -> None:
-    """A run folder is a folder of its own: not the root, the current folder or one above it, not under a
-    file, not in the kernel's folders."""
+def check_run_dir(run_dir: str, path: str, key: str = "run_dir", holds: str = "one run's files") -> None:
+    """A run folder (or an experiment's, `key` naming its setting) is a folder of its own: not the root, the
+    current folder or one above it, not under a file, not in the kernel's folders."""
     folder = Path(run_dir).expanduser().resolve()
     if folder == Path(folder.anchor) or folder in (Path.cwd(), *Path.cwd().parents):
-        raise DeliaError(f"{path}: 'run_dir': {run_dir!r} is the filesystem root, the current folder or one "
-                         "above it; a run folder holds one run's files (e.g. runs/demo)")
+        raise DeliaError(f"{path}: '{key}': {run_dir!r} is the filesystem root, the current folder or one "
+                         f"above it; a run folder holds {holds} (e.g. runs/demo)")
     if any(folder == Path(v) or Path(v) in folder.parents for v in VIRTUAL_ROOTS):
-        raise DeliaError(f"{path}: 'run_dir': {run_dir!r} is in the kernel's folders ({', '.join(VIRTUAL_ROOTS)})")
+        raise DeliaError(f"{path}: '{key}': {run_dir!r} is in the kernel's folders ({', '.join(VIRTUAL_ROOTS)})")
     for p in (folder, *folder.parents):
         if p.exists():
             if not p.is_dir():
-                raise DeliaError(f"{path}: 'run_dir': {run_dir!r}: {p} is a file, not a folder")
+                raise DeliaError(f"{path}: '{key}': {run_dir!r}: {p} is a file, not a folder")
             break
 
 
@@ -665,15 +670,20 @@ def parse_override(text: str) -> tuple[list[str], Any]:
         raise DeliaError(f"--set {text}: the value is not valid YAML: {getattr(e, 'problem', e)}") from None
 
 
-def load_config(path: str | Path | dict | None = None, overrides: list[str] = ()) -> RunConfig:
-    """Read a YAML config (or a dict of settings shaped as the YAML, or the defaults when None) and apply
-    `a.b=value` overrides. An error names the file and line of the bad key (or the --set that gave it)."""
-    data: dict = {}
+def check_load_arguments(path, overrides) -> None:
+    """`load_config`'s arguments are a path, a dict or None, and a list of KEY=VALUE strings."""
     if path is not None and not isinstance(path, (str, Path, dict)):
         raise DeliaError(f"load_config: expected a config file's path, a dict of settings or None, got "
                          f"{type(path).__name__} {path!r}"[:200])
     if isinstance(overrides, str) or not all(isinstance(o, str) for o in overrides):
         raise DeliaError(f"load_config: overrides must be a list of KEY=VALUE strings, got {overrides!r}"[:200])
+
+
+def load_config(path: str | Path | dict | None = None, overrides: list[str] = ()) -> RunConfig:
+    """Read a YAML config (or a dict of settings shaped as the YAML, or the defaults when None) and apply
+    `a.b=value` overrides. An error names the file and line of the bad key (or the --set that gave it)."""
+    data: dict = {}
+    check_load_arguments(path, overrides)
     where = "<dict>" if isinstance(path, dict) else str(path) if path else "<defaults>"
     lines: dict[str, str] = {}
     if isinstance(path, dict):

@@ -56,10 +56,7 @@ def _check_experiment(path: Path, data) -> dict:
     from .config import check_run_dir, check_text
 
     check_text(data["dir"], "dir", str(path))
-    try:
-        check_run_dir(data["dir"], str(path))
-    except DeliaError as e:  # the same rules as a run folder's
-        raise DeliaError(str(e).replace("'run_dir'", "'dir'").replace("one run's files", "an experiment's runs")) from None
+    check_run_dir(data["dir"], str(path), "dir", "an experiment's runs")  # the same rules as a run folder's
     base = (path.parent / data["base"]).resolve()
     if not base.is_file():
         raise DeliaError(f"{path}: 'base': {data['base']!r} is not a config file (read from {base})")

