@@ -103,25 +103,27 @@ def test_switch_consistency_counts_a_row_only_when_every_variant_is_right(genera
 def test_kl_of_the_untouched_model_to_itself_is_exactly_zero_and_positive_after_a_change(tiny_model_dir):
     import torch
 
-    from delia.analysis.drift import kl_per_token, nll_per_token
+    from delia.analysis.drift import answer_logprobs, kl_per_token, nll_per_token
     from delia.model.loading import load_model
     from delia.model.tokens import add_new_tokens
 
     rows = [([{"role": "user", "content": f"Name {n} colours."}], "Red, green and blue.") for n in range(5)]
     untouched = load_model(tiny_model_dir)
-    same = kl_per_token(untouched, rows, load_model(tiny_model_dir), rows, 128, batch_size=2)
+    reference = answer_logprobs(*untouched, rows, 128, batch_size=2)
+    same = kl_per_token(reference, load_model(tiny_model_dir), rows, 128, batch_size=2)
     assert same["kl"] == 0.0 and same["tokens"] > 0
+    assert kl_per_token(reference, None, rows, 128) == same  # the untouched model itself: not computed again
     changed = load_model(tiny_model_dir)
     add_new_tokens(*changed, ["<sep>"], "mean")  # one more row in the tied output layer
     with torch.no_grad():
         changed[0].model.layers[0].mlp.down_proj.weight.mul_(1.5)
-    moved = kl_per_token(untouched, rows, changed, rows, 128, batch_size=3)
+    moved = kl_per_token(reference, changed, rows, 128, batch_size=3)
     assert moved["kl"] > 0 and moved["tokens"] == same["tokens"]
     # per row, in the rows' order (batches run by length): each row's figure as if measured alone
     uneven = [(m, a * (i + 1)) for i, (m, a) in enumerate(reversed(rows))]
-    both = kl_per_token(untouched, uneven, changed, uneven, 128, batch_size=2)
+    both = kl_per_token(answer_logprobs(*untouched, uneven, 128, batch_size=2), changed, uneven, 128, batch_size=2)
     for i, row in enumerate(uneven):
-        alone = kl_per_token(untouched, [row], changed, [row], 128)
+        alone = kl_per_token(answer_logprobs(*untouched, [row], 128), changed, [row], 128)
         assert both["per_row"][i][1] == alone["tokens"]
         assert abs(both["per_row"][i][0] - alone["kl"] * alone["tokens"]) < 1e-3
     assert both["per_row"][0][1] < both["per_row"][-1][1]

@@ -10,7 +10,7 @@ import torch
 from delia import DeliaError
 from delia.config import load_config
 from delia.model.loading import load_model, placement
-from delia.pipeline import stage_evaluate, stage_export, stage_mix, stage_task, stage_train
+from delia.pipeline import stage_evaluate, stage_export, stage_general, stage_mix, stage_task, stage_train
 from delia.serve import ChatServer
 from delia.model.adapter import load_adapter
 
@@ -84,3 +84,42 @@ def test_export_is_base_plus_adapter(trained, tiny_model_dir):
     auto = load_config(None, trained + ["model.dtype=auto"])
     assert stage_export(auto, "common") == folder
     assert ((folder / "config.json").stat().st_mtime_ns == mtime) == (placement(auto.model.device, "auto")[1] == "float32")
+
+
+def test_the_fast_evaluation_computes_what_the_plain_one_does(trained, tiny_model_dir):
+    """The evaluation merges a trained arm's adapter, adds the control token to that same model in place and
+    computes the untouched model's half of the drift once a process: the same next-token distributions as
+    the adapter unmerged and as a fresh model with the token, and the drift of one measured from scratch."""
+    from delia.analysis.drift import answer_logprobs, kl_per_token
+    from delia.evaluate.controls import control_rows
+    from delia.model.arm import add_control_tokens, arm_generator, arm_model
+    from delia.model.generate import request_ids, Request
+    from delia.runfolder import read_jsonl
+
+    cfg = load_config(None, trained + ["model.dtype=float32"])
+    rows = read_jsonl(cfg.run_dir + "/task/eval.jsonl")
+    token = (cfg.controls.other_token,)
+
+    def logits(model, tokenizer, row):
+        ids = torch.tensor([request_ids(tokenizer, Request("", row["messages"][:-1]))], device=model.device)
+        with torch.no_grad():
+            return model(input_ids=ids).logits[0, -1]
+
+    fast = arm_generator(cfg, "common", cfg.evaluate.batch_size)
+    unmerged = load_adapter(*load_model(tiny_model_dir, "float32"), cfg.run_dir + "/train/common/adapter")
+    for row in rows:
+        assert torch.allclose(logits(fast.model, fast.tokenizer, row), logits(*unmerged, row), atol=1e-5)
+    add_control_tokens(cfg, fast.model, fast.tokenizer, token)
+    fresh = arm_model(cfg, "common", extra_tokens=token)
+    other = [r for r in control_rows(rows, cfg.task, cfg.controls) if r["group"] == "other_token"]
+    assert other and cfg.controls.other_token in other[0]["messages"][-2]["content"]
+    for row in other:
+        assert torch.equal(logits(fast.model, fast.tokenizer, row), logits(*fresh, row))
+
+    stage_general(cfg)
+    done = stage_evaluate(cfg, "common")
+    general = read_jsonl(cfg.run_dir + "/general/queries.jsonl")
+    answers = [(g["messages"], g["answer"]) for g in general]
+    reference = answer_logprobs(*load_model(tiny_model_dir, "float32"), answers, cfg.train.max_length, cfg.controls.batch_size)
+    kl = kl_per_token(reference, unmerged, answers, cfg.train.max_length)["kl"]
+    assert general and kl > 0 and abs(done["outputs"]["drift"]["kl"] - kl) <= 1e-4 * kl

@@ -72,3 +72,24 @@ def test_answers_cut_at_the_token_limit_are_recorded_and_handled(tiny_model_dir,
     else:
         assert 0 < stats["cut_rows"] < 8 and stats["requested"] == 8 + stats["empty_answers"]  # the tiny model may say nothing
     assert [r.get("open_end", False) for r in rows] == [mode == "mask" and not r["ended"] for r in rows]
+
+
+@pytest.mark.parametrize("temperature,top_p", [(0.7, 0.95), (1.3, 0.5), (0.7, 1.0)])
+def test_draw_samples_what_transformers_warpers_keep(temperature, top_p):
+    """`draw` (the local backend's sampler) draws from the distribution of transformers' temperature and
+    top-p warpers: on rows whose nucleus fits in the first k tokens and on rows that need the full ranking."""
+    import torch
+    from transformers import TemperatureLogitsWarper, TopPLogitsWarper
+
+    from delia.model.generate import draw
+
+    gen = torch.Generator().manual_seed(0)
+    logits = torch.randn(4, 12, generator=gen) * torch.tensor([[4.0], [0.3], [2.0], [0.05]])  # peaked to flat (no exact ties)
+    expected = torch.softmax(TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
+                             if top_p < 1 else logits / temperature, -1)
+    n = 20000
+    drawn = torch.stack([draw(logits, temperature, top_p, gen, k=3) for _ in range(n)], 1)  # k=3: both paths
+    freq = torch.stack([torch.bincount(row, minlength=12) for row in drawn]).float() / n
+    assert ((expected == 0) <= (freq == 0)).all()  # never a token the warpers remove
+    assert (freq - expected).abs().max() < 0.015
+    assert torch.equal(draw(logits, 0.0, top_p), logits.argmax(-1))

@@ -94,7 +94,7 @@ def test_the_counterfactual_arms_train_with_their_decoys_untrained_and_report_th
         metrics = json.loads((tmp_path / "eval" / arm / "metrics.json").read_text())
         assert metrics["switch"]["n"] == 2 and 0 <= metrics["switch"]["consistency"] <= 1
         model, tokenizer = arm_model(cfg, arm)
-        merged = model.merge_and_unload().get_input_embeddings().weight
+        merged = model.get_input_embeddings().weight  # arm_model merges a trained arm
         base, base_tok = arm_model(cfg, "untouched")
         add_new_tokens(base, base_tok, tokens["tokens"], tokens["init"], tokens["description"], tokens["seed"])
         init = base.get_input_embeddings().weight
@@ -217,8 +217,7 @@ def test_token_first_trains_the_row_alone_then_the_task_with_that_row_frozen(tin
     assert config["peft_type"] == "TRAINABLE_TOKENS"
 
     untouched, tok = arm_model(cfg, "untouched")
-    stage1, tok1 = arm_model(cfg, "token_row")
-    stage1 = stage1.merge_and_unload()
+    stage1, tok1 = arm_model(cfg, "token_row")  # merged
     sep = tok1.convert_tokens_to_ids("<sep>")
     plain = tok("Name three colours.", return_tensors="pt")["input_ids"]
     with torch.no_grad():  # the model frozen in stage 1: a prompt without the token is the untouched model's
@@ -227,7 +226,7 @@ def test_token_first_trains_the_row_alone_then_the_task_with_that_row_frozen(tin
     row1 = stage1.get_input_embeddings().weight[sep]
     assert not torch.allclose(row1, init.get_input_embeddings().weight[sep])  # stage 1 moved the row
     stage2, tok2 = arm_model(cfg, "token_first")
-    merged = stage2.merge_and_unload().get_input_embeddings().weight
+    merged = stage2.get_input_embeddings().weight
     assert tok2.convert_tokens_to_ids("<sep>") == sep and torch.equal(merged[sep], row1)  # frozen in stage 2
 
 
@@ -307,6 +306,6 @@ def test_the_row_alone_trains_at_its_own_learning_rate_when_set(tiny_model_dir, 
         model, tok = arm_model(cfg, "token_row")
         sep = tok.convert_tokens_to_ids("<sep>")
         init, _ = arm_model(cfg, "init_random")
-        moved[lr] = float((model.merge_and_unload().get_input_embeddings().weight[sep]
+        moved[lr] = float((model.get_input_embeddings().weight[sep]
                            - init.get_input_embeddings().weight[sep]).norm())
     assert moved[0.5] > 50 * moved[0.0] > 0, moved

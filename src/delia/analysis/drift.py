@@ -4,7 +4,7 @@ On held-out general queries (none trained on by any arm) and the untouched model
 them, teacher-forced: at every answer token, KL(P_untouched || P_arm) over the untouched model's
 vocabulary (an arm's added tokens have no mass under the untouched model, so they only enter through
 the arm's normalisation); the mean over all answer tokens, in nats per token. One forward pass per
-answer per model. And, where the query source has reference answers (Alpaca), the arm's mean
+answer per model (the untouched model's once per process for a run's rows). And, where the query source has reference answers (Alpaca), the arm's mean
 negative log-likelihood of their tokens (nats per token).
 
 Answer tokens are the assistant turn and its end-of-turn token (`delia.model.chat.tokenize_chat`); the
@@ -58,25 +58,41 @@ def _by_length(rows: list[tuple[list[dict], str]]) -> list[int]:
     return sorted(range(len(rows)), key=lambda i: sum(len(m["content"]) for m in rows[i][0]) + len(rows[i][1]))
 
 
-def kl_per_token(untouched, untouched_rows: list[tuple[list[dict], str]], arm, arm_rows: list[tuple[list[dict], str]],
-                 max_length: int, batch_size: int = 8) -> dict:
+def answer_logprobs(model, tokenizer, rows: list[tuple[list[dict], str]], max_length: int,
+                    batch_size: int = 8) -> list[torch.Tensor]:
+    """Per row (prompt messages, answer), in the rows' order: the log-probabilities over the vocabulary
+    at each of its answer tokens ([answer tokens, vocabulary], float32)."""
+    out: list = [None] * len(rows)
+    order = iter(_by_length(rows))  # batches of similar lengths: little padding
+    for batch in _batches(model, tokenizer, [rows[i] for i in _by_length(rows)], max_length, batch_size):
+        for logits, _ in batch:
+            out[next(order)] = torch.log_softmax(logits, -1)
+    return out
+
+
+def kl_per_token(reference: list[torch.Tensor], arm, arm_rows: list[tuple[list[dict], str]], max_length: int,
+                 batch_size: int = 8) -> dict:
     """Mean KL(untouched || arm) per answer token over all rows, and per row its (KL summed over its
-    tokens, tokens), in the rows' order (for paired comparisons). `untouched` and `arm` are (model,
-    tokenizer); row i of each holds the same answer, each prompted as that model is."""
-    per_row = [(0.0, 0)] * len(arm_rows)
-    order = _by_length(arm_rows)  # batches of similar lengths: little padding
-    rows = iter(order)
-    for ref_batch, arm_batch in zip(_batches(*untouched, [untouched_rows[i] for i in order], max_length, batch_size),
-                                    _batches(*arm, [arm_rows[i] for i in order], max_length, batch_size)):
-        for (ref, _), (other, _) in zip(ref_batch, arm_batch):
-            i = next(rows)
-            n = min(len(ref), len(other))  # the same answer: align its tokens from the end
-            if not n:
-                continue
-            vocab = min(ref.shape[-1], other.shape[-1])  # the untouched vocabulary (an arm only adds tokens)
-            ref_logp = torch.log_softmax(ref[-n:], -1)[:, :vocab]
-            arm_logp = torch.log_softmax(other[-n:], -1)[:, :vocab]
-            per_row[i] = (float((ref_logp.exp() * (ref_logp - arm_logp)).sum()), n)
+    tokens, tokens), in the rows' order (for paired comparisons). `reference`: the untouched model's
+    `answer_logprobs` on the rows; `arm`: (model, tokenizer), or None for the untouched model itself
+    (zero by identity, not computed again); row i of `arm_rows` holds the same answer as the reference's,
+    prompted as the arm is."""
+    if arm is None:
+        per_row = [(0.0, len(ref)) for ref in reference]
+    else:
+        per_row = [(0.0, 0)] * len(arm_rows)
+        order = _by_length(arm_rows)
+        rows = iter(order)
+        for batch in _batches(*arm, [arm_rows[i] for i in order], max_length, batch_size):
+            for other, _ in batch:
+                i = next(rows)
+                n = min(len(reference[i]), len(other))  # the same answer: align its tokens from the end
+                if not n:
+                    continue
+                vocab = min(reference[i].shape[-1], other.shape[-1])  # the untouched vocabulary (an arm only adds tokens)
+                ref_logp = reference[i][-n:, :vocab]
+                arm_logp = torch.log_softmax(other[-n:], -1)[:, :vocab]
+                per_row[i] = (float((ref_logp.exp() * (ref_logp - arm_logp)).sum()), n)
     total, tokens = sum(k for k, _ in per_row), sum(n for _, n in per_row)
     return {"kl": total / tokens if tokens else None, "tokens": tokens, "per_row": per_row}
 

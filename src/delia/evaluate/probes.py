@@ -11,6 +11,7 @@ plus its own code: "How to add a probe" in docs/arms.md.
 
 from __future__ import annotations
 
+import json
 import random
 from dataclasses import dataclass, field
 from functools import cached_property
@@ -18,8 +19,8 @@ from pathlib import Path
 from typing import Callable
 
 from ..arms import ALL_BACKENDS, ARMS
-from ..config import RunConfig
-from ..model.arm import WEIGHTS_HERE, arm_generator, arm_model, base_model
+from ..config import RunConfig, model_key
+from ..model.arm import WEIGHTS_HERE, add_control_tokens, arm_generator, arm_model, base_model
 from ..runfolder import RunFolder, read_jsonl, write_json, write_jsonl
 
 Files = dict[str, list[dict]]
@@ -98,7 +99,8 @@ def _translation(ev: Evaluation) -> tuple[dict, Files]:
 
 def _controls(ev: Evaluation) -> tuple[dict, Files]:
     """Each control group's figures (`delia.evaluate.controls`), prompted as the arm is. With the weights on
-    this machine all four go through the arm's model with the never-trained `controls.other_token` added;
+    this machine all four go through the arm's model with the never-trained `controls.other_token` added
+    (locally to the loaded model, in place: so this probe runs after those that read the model as it is);
     elsewhere that control is left out (the served model has no such token)."""
     from .controls import CONTROLS, control_rows
     from .formatted import evaluate_formatted
@@ -109,11 +111,11 @@ def _controls(ev: Evaluation) -> tuple[dict, Files]:
             if here or r["group"] != "other_token"]
     if not rows:
         return {}, {"controls.jsonl": []}
-    other = ev.generator
-    if here:
-        other = arm_generator(cfg, ev.arm, cfg.evaluate.batch_size, extra_tokens=(cfg.controls.other_token,))
-        if ARMS[ev.arm].decoding == "arithmetic":
-            other.lam = ev.generator.lam  # the lambda the evaluation used
+    other, token = ev.generator, (cfg.controls.other_token,)
+    if cfg.generation.backend == "local":
+        add_control_tokens(cfg, other.model, other.tokenizer, token)
+    elif here:
+        other = arm_generator(cfg, ev.arm, cfg.evaluate.batch_size, extra_tokens=token)
     metrics, generations = evaluate_formatted(other, rows, cfg.task, ev.budget, cfg.seed, desc="controls")
     return {g: m for g, m in metrics.items() if g in CONTROLS}, {"controls.jsonl": generations}
 
@@ -153,6 +155,24 @@ def _leakage(ev: Evaluation) -> tuple[dict, Files]:
     return {"leakage": figures}, {"general.jsonl": rows}
 
 
+_UNTOUCHED: dict[str, list] = {}
+"""The untouched model's answer log-probabilities on the last run's general rows (`_untouched_logprobs`)."""
+
+
+def _untouched_logprobs(cfg: RunConfig, general: list[dict]) -> list:
+    """`delia.analysis.drift.answer_logprobs` of the untouched model on its own general answers, computed
+    once a process for the same model, placement, rows and lengths (every arm of a run compares with it)."""
+    from ..analysis.drift import answer_logprobs
+
+    rows = [(g["messages"], g["answer"]) for g in general]
+    key = json.dumps([model_key(cfg.model), cfg.model.dtype, cfg.model.device, cfg.train.max_length,
+                      cfg.controls.batch_size, rows])
+    if key not in _UNTOUCHED:
+        _UNTOUCHED.clear()  # one run's at a time: they are [tokens, vocabulary] a row
+        _UNTOUCHED[key] = answer_logprobs(*base_model(cfg), rows, cfg.train.max_length, cfg.controls.batch_size)
+    return _UNTOUCHED[key]
+
+
 def _drift(ev: Evaluation) -> tuple[dict, Files]:
     """Mean per-token KL from the untouched model to the arm on the untouched model's answers, and the
     arm's NLL of the first `controls.general_max_new_tokens` tokens of the reference answers
@@ -166,8 +186,8 @@ def _drift(ev: Evaluation) -> tuple[dict, Files]:
     gen = ev.generator
     lm = (gen.model, gen.tokenizer) if cfg.generation.backend == "local" else arm_model(cfg, ev.arm)
     length, batch = cfg.train.max_length, cfg.controls.batch_size
-    kl = kl_per_token(base_model(cfg), [(g["messages"], g["answer"]) for g in general],
-                      lm, [(p, g["answer"]) for p, g in zip(prompts, general)], length, batch)
+    kl = kl_per_token(_untouched_logprobs(cfg, general), None if ARMS[ev.arm].is_base_model else lm,
+                      [(p, g["answer"]) for p, g in zip(prompts, general)], length, batch)
     refs = [(p, g["reference"]) for p, g in zip(prompts, general) if g.get("reference")]
     nll = nll_per_token(*lm, refs, length, batch, max_answer_tokens=cfg.controls.general_max_new_tokens)
     return ({"drift": {"kl": kl["kl"], "kl_tokens": kl["tokens"], "nll": nll["nll"], "nll_tokens": nll["tokens"]}},
@@ -177,12 +197,13 @@ def _drift(ev: Evaluation) -> tuple[dict, Files]:
 PROBES: dict[str, Probe] = {
     "format": Probe(_format),
     "translation": Probe(_translation, kinds=("translation",)),
-    "controls": Probe(_controls, settings=("controls",)),
-    "switch": Probe(_switch, settings=("controls",), needs=("format", "controls")),
     "leakage": Probe(_leakage, settings=("controls",), inputs=_general_input),
     "drift": Probe(_drift, settings=("controls",), inputs=_general_input),
+    "controls": Probe(_controls, settings=("controls",)),  # adds its token to the model: after those that read it
+    "switch": Probe(_switch, settings=("controls",), needs=("format", "controls")),
 }
-"""Every probe, in the order they run."""
+"""Every probe, in the order they run (`controls` adds its token to the arm's model in place: it comes
+after every probe that reads the model as it is)."""
 
 
 def applicable(cfg: RunConfig) -> list[str]:

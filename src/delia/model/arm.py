@@ -38,9 +38,10 @@ def adapter_of(cfg: RunConfig, arm: str) -> Path:
 
 
 def arm_model(cfg: RunConfig, arm: str, extra_tokens: tuple[str, ...] = ()):
-    """(model, tokenizer) of an arm on this machine: the base model, its new tokens initialised for a
-    `token_init` arm, the adapter attached for a trained one. `extra_tokens` are added last, with
-    `train.token_init` and the seed, never trained (a trained arm is merged first so its vocabulary can grow)."""
+    """(model, tokenizer) of an arm on this machine, for inference: the base model, its new tokens
+    initialised for a `token_init` arm, a trained arm's adapter merged in (one matrix a layer, and PEFT's
+    trainable-token layer no longer rebuilds the embedding matrix at every forward pass: about a fifth
+    of a decoding step). `extra_tokens`: see `add_control_tokens`."""
     from .tokens import add_new_tokens
 
     a = ARMS[arm]
@@ -49,13 +50,19 @@ def arm_model(cfg: RunConfig, arm: str, extra_tokens: tuple[str, ...] = ()):
         from .adapter import load_adapter
 
         model, tokenizer = load_adapter(model, tokenizer, adapter_of(cfg, arm))
-        if extra_tokens:
-            model = model.merge_and_unload()
+        model = model.merge_and_unload()
     elif a.token_init:  # the new token added, its row initialised, nothing trained
         add_new_tokens(model, tokenizer, cfg.task.new_tokens, a.token_init, cfg.task.description, cfg.seed)
-    if extra_tokens:
-        add_new_tokens(model, tokenizer, list(extra_tokens), cfg.train.token_init, cfg.task.description, cfg.seed)
+    add_control_tokens(cfg, model, tokenizer, extra_tokens)
     return model, tokenizer
+
+
+def add_control_tokens(cfg: RunConfig, model, tokenizer, tokens: tuple[str, ...]) -> None:
+    """Add never-trained `tokens` to an arm's model in place, last, with `train.token_init` and the seed."""
+    from .tokens import add_new_tokens
+
+    if tokens:
+        add_new_tokens(model, tokenizer, list(tokens), cfg.train.token_init, cfg.task.description, cfg.seed)
 
 
 def needs_export(cfg: RunConfig, arm: str) -> bool:

@@ -66,6 +66,47 @@ def request_ids(tokenizer, request: Request) -> list[int]:
     return tokenizer(text, add_special_tokens=False)["input_ids"]
 
 
+def draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None,
+         k: int = 64) -> torch.Tensor:
+    """The next token of each row of float32 `logits` [rows, vocabulary]: the argmax at temperature 0, else
+    a draw from the top-p nucleus of softmax(logits / temperature), the distribution transformers'
+    temperature and top-p warpers give (a token is kept while the mass ranked above it is under top_p).
+    The nucleus is looked for among the `k` most probable tokens first and the full ranking is taken only
+    for rows whose nucleus is larger: a sort and a draw over the whole vocabulary were a third of a
+    sampling step."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    probs = torch.softmax(logits / temperature, -1)
+    if top_p >= 1:
+        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    ranked, order = probs.topk(min(k, probs.shape[-1]), -1)
+    wide = ranked.sum(-1) < top_p  # the nucleus goes beyond the k-th token
+    if wide.any():
+        full, full_order = probs[wide].sort(-1, descending=True)
+        picked = _nucleus_pick(full, full_order, top_p, generator)
+    out = _nucleus_pick(ranked, order, top_p, generator)
+    if wide.any():
+        out[wide] = picked
+    return out
+
+
+def _nucleus_pick(ranked: torch.Tensor, order: torch.Tensor, top_p: float, generator) -> torch.Tensor:
+    ranked = ranked.masked_fill((ranked.cumsum(-1) - ranked) >= top_p, 0.0)
+    return order.gather(-1, torch.multinomial(ranked, 1, generator=generator))[:, 0]
+
+
+class _Sampler:
+    """Temperature and top-p sampling (`draw`) as transformers' last logits processor of a greedy search:
+    every token but the drawn one is set to -inf, so the argmax takes it."""
+
+    def __init__(self, temperature: float, top_p: float):
+        self.temperature, self.top_p = temperature, top_p
+
+    def __call__(self, input_ids, scores):
+        token = draw(scores, self.temperature, self.top_p)
+        return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
+
+
 class LocalGenerator:
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model = model
@@ -96,16 +137,16 @@ class LocalGenerator:
             width = max(len(ids) for ids, _ in chunk)
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in chunk])
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in chunk])
-            sampling = temperature > 0
             torch.manual_seed(batch_seed(seed, [r.key for _, r in chunk]))
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids=input_ids.to(self.model.device),
                     attention_mask=attention.to(self.model.device),
                     max_new_tokens=max_new_tokens,
-                    do_sample=sampling,
-                    temperature=temperature if sampling else None,
-                    top_p=top_p if sampling else None,
+                    do_sample=False,  # sampling is the last logits processor's (`draw`)
+                    logits_processor=[_Sampler(temperature, top_p)] if temperature > 0 else None,
+                    temperature=None,
+                    top_p=None,
                     top_k=None,
                     pad_token_id=pad,
                     eos_token_id=eos,

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..conversation import first_user_turn, split_wording
-from .generate import LocalGenerator, Request, batch_seed, length_sorted_chunks, request_ids
+from .generate import LocalGenerator, Request, batch_seed, draw, length_sorted_chunks, request_ids
 
 FIELD = "gist"
 """A tokenized row's gist: [the token's position, the positions it hides from what follows], or []."""
@@ -95,7 +95,7 @@ class GistGenerator(LocalGenerator):
                     result = self.model(input_ids=ids.to(device), attention_mask=additive.to(device),
                                         position_ids=positions.to(device), past_key_values=past, use_cache=True)
                     past = result.past_key_values
-                    nxt = _pick(result.logits[:, -1].float().cpu(), temperature, top_p, generator)
+                    nxt = draw(result.logits[:, -1].float().cpu(), temperature, top_p, generator)
                     for i, tok in enumerate(nxt.tolist()):
                         if not done[i]:
                             done[i] = tok in eos
@@ -107,13 +107,3 @@ class GistGenerator(LocalGenerator):
                     last = attend[:, :, -1:, :]  # the next token reads what the last position read, and it
                     attend = torch.cat([last, torch.ones_like(last[..., :1])], -1)
             yield [(r, self.tokenizer.decode(o, skip_special_tokens=True).strip(), len(o)) for (_, r), o in zip(chunk, out)]
-
-
-def _pick(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator) -> torch.Tensor:
-    """The next token of each row: the argmax at temperature 0, else a draw from the top-p nucleus."""
-    if temperature <= 0:
-        return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    ranked, order = probs.sort(-1, descending=True)
-    ranked[(ranked.cumsum(-1) - ranked) > top_p] = 0  # keep the smallest set whose mass reaches top_p
-    return order.gather(-1, torch.multinomial(ranked, 1, generator=generator))[:, 0]
