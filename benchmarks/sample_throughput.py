@@ -1,5 +1,7 @@
 """Generated tokens per second of the `sample` stage's backends on the same requests, in one run:
-delia's local backend (transformers, batched) at batch 16 and at its best batch, and the ctranslate2
+transformers' own batched sampling (`generate` with its temperature and top-p warpers, prompts length-sorted
+and left-padded), delia's local backend (the same `generate`, its sampling done by `delia.model.generate.draw`)
+at batch 16, 32 and 48, and the ctranslate2
 backend in float32 and int8 at their best batch and worker count, each with its share of this machine's measured peak
 (fp32 matmul; 2 x parameters FLOPs a generated token, attention left out), and the mean per-token
 KL(float32 || int8) of CTranslate2 on the float32 answers (teacher-forced, every answer token), beside
@@ -33,6 +35,26 @@ from delia.model.loading import load_model, resolve_model  # noqa: E402
 def timed(generator, requests, max_new_tokens) -> tuple[float, list]:
     t = time.perf_counter()
     out = [row for batch in generator.batches(requests, max_new_tokens, 0.7, 0.95, seed=0) for row in batch]
+    return time.perf_counter() - t, out
+
+
+def hf_sampling(model, tokenizer, requests, batch_size: int, max_new_tokens: int) -> tuple[float, list]:
+    """transformers' `generate` sampling as it comes (temperature and top-p warpers, `torch.multinomial`)."""
+    from delia.model.generate import length_sorted_chunks, request_ids
+
+    t, out = time.perf_counter(), []
+    eos = model.generation_config.eos_token_id
+    for chunk in length_sorted_chunks([(request_ids(tokenizer, r), r) for r in requests], batch_size):
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([[tokenizer.pad_token_id] * (width - len(i)) + i for i, _ in chunk])
+        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in chunk])
+        torch.manual_seed(0)
+        with torch.inference_mode():
+            gen = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens, do_sample=True,
+                                 temperature=0.7, top_p=0.95, top_k=None, pad_token_id=tokenizer.pad_token_id)
+        for row, (_, r) in zip(gen[:, width:].tolist(), chunk):
+            n = next((j for j, tok in enumerate(row) if tok in (eos if isinstance(eos, list) else [eos])), len(row))
+            out.append((r, "", n))
     return time.perf_counter() - t, out
 
 
@@ -79,6 +101,8 @@ def main() -> None:
         return rows
 
     for b in map(int, args.local_batches.split(",")):
+        record(f"transformers generate, batch {b}", *hf_sampling(model, tokenizer, requests, b, args.max_new_tokens))
+    for b in map(int, args.local_batches.split(",")):
         record(f"local, batch {b}", *timed(LocalGenerator(model, tokenizer, b), requests, args.max_new_tokens))
     folder = resolve_model(args.model)
     answers = {}
@@ -89,10 +113,13 @@ def main() -> None:
                 timed(gen, requests[:b], 8)  # warm-up (first allocation)
                 answers[compute] = record(f"ctranslate2 {compute}, batch {b}, {gen.workers} worker(s)",
                                           *timed(gen, requests, args.max_new_tokens))
+    best_hf = max(t / s for name, t, s in results if name.startswith("transformers"))
     best_local = max(t / s for name, t, s in results if name.startswith("local"))
+    print(f"local best / transformers generate best: {best_local / best_hf:.2f}x")
     for compute in ("float32", "int8"):
         best = max(t / s for name, t, s in results if name.startswith(f"ctranslate2 {compute}"))
-        print(f"ctranslate2 {compute} best / local best: {best / best_local:.2f}x")
+        print(f"ctranslate2 {compute} best / local best: {best / best_local:.2f}x, / transformers generate best: "
+              f"{best / best_hf:.2f}x")
 
     # KL on the float32 answers: CTranslate2 int8 against float32, and CTranslate2 float32 against local
     rows = answers["float32"][:16]

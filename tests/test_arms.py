@@ -70,6 +70,7 @@ def test_one_new_entry_is_a_new_probe_in_every_evaluation(tiny_model_dir, tmp_pa
     from delia.pipeline import stage_evaluate, stage_general, stage_task
 
     def bare_token(ev):
+        assert ev.cfg.controls.other_token not in ev.generator.tokenizer.get_vocab()
         rows = ev.prompted([{**set_wording(r, ev.cfg.task.new_tokens[0]), "group": "bare"} for r in ev.eval_rows])
         metrics, generations = evaluate_formatted(ev.generator, rows, ev.cfg.task, ev.budget, ev.cfg.seed)
         return {"bare": metrics["bare"]}, {"bare.jsonl": generations}
@@ -85,6 +86,7 @@ def test_one_new_entry_is_a_new_probe_in_every_evaluation(tiny_model_dir, tmp_pa
     bare = [json.loads(line) for line in (folder / "bare.jsonl").read_text().splitlines()]
     assert len(bare) == 4 and {b["group"] for b in bare} == {"bare"}
     assert json.loads((folder / "metrics.json").read_text())["bare"]["n"] == 4 == done["outputs"]["bare"]["n"]
-    assert "sample" in done["settings"] and probes.applicable(cfg)[-1] == "bare"
+    order = probes.applicable(cfg)  # before the controls, which add their token to the model it reads
+    assert "sample" in done["settings"] and order.index("bare") < order.index("controls") < order.index("switch")
     again = stage_evaluate(load_config(None, overrides + ["sample.temperature=0.5"]), "untouched")
     assert again["key"] != done["key"]

@@ -22,7 +22,7 @@ from .data.sample import sample_diverse
 from .data.sources import is_saved_dataset, source_files
 from .data.task import build_task, check_references
 from .errors import DeliaError
-from .model.arm import adapter_of, base_model, needs_export, placement_of
+from .model.arm import adapter_of, arm_model, base_model, needs_export, placement_of
 from .model.backends import generation_placement
 from .model.loading import check_target_modules
 from .runfolder import RunFolder, Stage, atomic_path, read_jsonl, read_manifest, world, write_json, write_jsonl
@@ -361,7 +361,6 @@ def stage_analyze(cfg: RunConfig) -> dict:
     (Table 1, Figure 2) and the divergent token over the evaluation rows (Figure 4)."""
     from .analysis.divergent import divergent_stats, plot_divergent
     from .analysis.token_distance import plot_distances, token_keyword_distances
-    from .model.adapter import load_adapter
     from .model.tokens import add_new_tokens
 
     run = paths(cfg)
@@ -388,7 +387,7 @@ def stage_analyze(cfg: RunConfig) -> dict:
         return model, tokenizer
 
     models = [(f"untouched ({init} init)", lambda init=init: untouched(init)) for init in ("random", "mean", "description")]
-    models += [(arm, lambda adapter=adapter: load_adapter(*base_model(cfg), adapter)) for arm, adapter in adapters.items()]
+    models += [(arm, lambda arm=arm: arm_model(cfg, arm)) for arm in adapters]  # merged: one matrix a layer
     for name, load in tqdm(models, desc="analyze", unit="model"):
         measure(name, *load())
     write_json(run.analysis("token_distance.json"), distances)

@@ -79,6 +79,9 @@ class Probe:
     """Run files it reads beyond the task rows and the adapter (part of the evaluate stage's key)."""
     needs: tuple[str, ...] = ()
     """Probes whose results it reads (`Evaluation.results`): listed before it, and it applies only with them."""
+    changes_model: bool = False
+    """It changes the arm's model in place (the controls add their token): it runs after every probe that
+    does not, with those that read its results."""
 
 
 def _format(ev: Evaluation) -> tuple[dict, Files]:
@@ -100,7 +103,7 @@ def _translation(ev: Evaluation) -> tuple[dict, Files]:
 def _controls(ev: Evaluation) -> tuple[dict, Files]:
     """Each control group's figures (`delia.evaluate.controls`), prompted as the arm is. With the weights on
     this machine all four go through the arm's model with the never-trained `controls.other_token` added
-    (locally to the loaded model, in place: so this probe runs after those that read the model as it is);
+    (locally to the loaded model, in place: `changes_model`);
     elsewhere that control is left out (the served model has no such token)."""
     from .controls import CONTROLS, control_rows
     from .formatted import evaluate_formatted
@@ -197,22 +200,26 @@ def _drift(ev: Evaluation) -> tuple[dict, Files]:
 PROBES: dict[str, Probe] = {
     "format": Probe(_format),
     "translation": Probe(_translation, kinds=("translation",)),
+    "controls": Probe(_controls, settings=("controls",), changes_model=True),
+    "switch": Probe(_switch, settings=("controls",), needs=("format", "controls")),
     "leakage": Probe(_leakage, settings=("controls",), inputs=_general_input),
     "drift": Probe(_drift, settings=("controls",), inputs=_general_input),
-    "controls": Probe(_controls, settings=("controls",)),  # adds its token to the model: after those that read it
-    "switch": Probe(_switch, settings=("controls",), needs=("format", "controls")),
 }
-"""Every probe, in the order they run (`controls` adds its token to the arm's model in place: it comes
-after every probe that reads the model as it is)."""
+"""Every probe (`applicable` gives the order they run in)."""
 
 
 def applicable(cfg: RunConfig) -> list[str]:
-    """The probes that apply to the run's task kind and generation backend (and whose `needs` do), in order."""
+    """The probes that apply to the run's task kind and generation backend (and whose `needs` do), in the
+    order they run: PROBES' order, those that change the model and what reads their results last."""
     names: list[str] = []
     for name, p in PROBES.items():
         if cfg.task.kind in p.kinds and cfg.generation.backend in p.backends and all(n in names for n in p.needs):
             names.append(name)
-    return names
+    late: set[str] = set()  # after the model changed: the probes that change it and those reading their results
+    for name in names:
+        if PROBES[name].changes_model or late & set(PROBES[name].needs):
+            late.add(name)
+    return [n for n in names if n not in late] + [n for n in names if n in late]
 
 
 def tune_arithmetic(ev: Evaluation) -> dict:
