@@ -75,21 +75,51 @@ def test_answers_cut_at_the_token_limit_are_recorded_and_handled(tiny_model_dir,
 
 
 @pytest.mark.parametrize("temperature,top_p", [(0.7, 0.95), (1.3, 0.5), (0.7, 1.0)])
-def test_draw_samples_what_transformers_warpers_keep(temperature, top_p):
-    """`draw` (the local backend's sampler) draws from the distribution of transformers' temperature and
-    top-p warpers: on rows whose nucleus fits in the first k tokens and on rows that need the full ranking."""
+def test_draw_draws_what_transformers_sampling_draws(temperature, top_p):
+    """`draw` (the local backend's sampler) keeps the tokens transformers' top-p warper keeps and draws the
+    token transformers' sampling draws from the same random state: on rows whose nucleus fits in the
+    first k tokens and on rows that need the full ranking."""
     import torch
     from transformers import TemperatureLogitsWarper, TopPLogitsWarper
 
-    from delia.model.generate import draw
+    from delia.model.generate import draw, nucleus
 
     gen = torch.Generator().manual_seed(0)
-    logits = torch.randn(4, 12, generator=gen) * torch.tensor([[4.0], [0.3], [2.0], [0.05]])  # peaked to flat (no exact ties)
-    expected = torch.softmax(TopPLogitsWarper(top_p)(None, TemperatureLogitsWarper(temperature)(None, logits.clone()))
-                             if top_p < 1 else logits / temperature, -1)
-    n = 20000
-    drawn = torch.stack([draw(logits, temperature, top_p, gen, k=3) for _ in range(n)], 1)  # k=3: both paths
-    freq = torch.stack([torch.bincount(row, minlength=12) for row in drawn]).float() / n
-    assert ((expected == 0) <= (freq == 0)).all()  # never a token the warpers remove
-    assert (freq - expected).abs().max() < 0.015
+    scale = torch.tensor([[4.0], [0.3], [2.0], [0.05]])  # peaked to flat (no exact ties)
+    for _ in range(200):
+        logits = torch.randn(4, 12, generator=gen) * scale
+        scores = TemperatureLogitsWarper(temperature)(None, logits.clone())
+        if top_p < 1:
+            scores = TopPLogitsWarper(top_p)(None, scores)
+            assert torch.equal(nucleus(logits / temperature, top_p, k=3), scores > float("-inf"))
+        state = gen.get_state()
+        expected = torch.multinomial(torch.softmax(scores, -1), 1, generator=gen)[:, 0]
+        gen.set_state(state)
+        assert torch.equal(draw(logits, temperature, top_p, gen, k=3), expected)
     assert torch.equal(draw(logits, 0.0, top_p), logits.argmax(-1))
+
+
+def test_sampled_answers_are_those_of_transformers_sampling(tiny_model_dir):
+    """The local backend's sampled answers equal `generate` sampling with its own warpers from the same seed."""
+    import torch
+
+    from delia.model.generate import Request, batch_seed, request_ids
+    from delia.model.loading import load_model
+
+    model, tok = load_model(tiny_model_dir, "float32")
+    requests = [Request(key=str(i), messages=[{"role": "user", "content": f"Name {i} colours, then {i} birds."}])
+                for i in range(3)]
+    ours = [text for batch in LocalGenerator(model, tok, 3).batches(requests, 12, 0.9, 0.8, seed=5) for _, text, _ in batch]
+    encoded = sorted(((request_ids(tok, r), r) for r in requests), key=lambda e: len(e[0]))
+    width = max(len(ids) for ids, _ in encoded)
+    ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i, _ in encoded])
+    mask = (torch.arange(width)[None] >= torch.tensor([[width - len(i)] for i, _ in encoded])).long()
+    torch.manual_seed(batch_seed(5, [r.key for _, r in encoded]))
+    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.9,
+                         top_p=0.8, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=LocalGenerator(model, tok)._stop_ids())
+    theirs = []
+    for row in out[:, width:].tolist():
+        stop = LocalGenerator(model, tok)._stop_ids()
+        n = next((j for j, t in enumerate(row) if t in stop), len(row))
+        theirs.append(tok.decode(row[:n], skip_special_tokens=True).strip())
+    assert ours == theirs and len(set(ours)) > 1

@@ -69,35 +69,36 @@ def request_ids(tokenizer, request: Request) -> list[int]:
 def draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torch.Generator | None = None,
          k: int = 64) -> torch.Tensor:
     """The next token of each row of float32 `logits` [rows, vocabulary]: the argmax at temperature 0, else
-    a draw from the top-p nucleus of softmax(logits / temperature), the distribution transformers'
-    temperature and top-p warpers give (a token is kept while the mass ranked above it is under top_p).
-    The nucleus is looked for among the `k` most probable tokens first and the full ranking is taken only
-    for rows whose nucleus is larger: a sort and a draw over the whole vocabulary were a third of a
-    sampling step."""
+    what transformers' sampling draws, op for op (the logits over the temperature, those outside the
+    top-p `nucleus` at -inf, softmax, `torch.multinomial`): the same tokens from the same random state, so
+    the same sampled rows as before this function, only the nucleus is found without sorting the vocabulary."""
     if temperature <= 0:
         return logits.argmax(-1)
-    probs = torch.softmax(logits / temperature, -1)
-    if top_p >= 1:
-        return torch.multinomial(probs, 1, generator=generator)[:, 0]
+    scores = logits / temperature
+    if top_p < 1:
+        scores = scores.masked_fill(~nucleus(scores, top_p, k), float("-inf"))
+    return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0]
+
+
+def nucleus(scores: torch.Tensor, top_p: float, k: int = 64) -> torch.Tensor:
+    """Which tokens transformers' top-p warper keeps ([rows, vocabulary], bool): a token stays while the
+    mass ranked above it is under `top_p`. Looked for among the `k` most probable tokens, and in the
+    full ranking only for rows whose nucleus is larger (a sort of the vocabulary was a fifth of a
+    sampling step)."""
+    probs = torch.softmax(scores, -1)
+    keep = torch.zeros_like(probs, dtype=torch.bool)
     ranked, order = probs.topk(min(k, probs.shape[-1]), -1)
+    keep.scatter_(-1, order, (ranked.cumsum(-1) - ranked) < top_p)
     wide = ranked.sum(-1) < top_p  # the nucleus goes beyond the k-th token
     if wide.any():
-        full, full_order = probs[wide].sort(-1, descending=True)
-        picked = _nucleus_pick(full, full_order, top_p, generator)
-    out = _nucleus_pick(ranked, order, top_p, generator)
-    if wide.any():
-        out[wide] = picked
-    return out
-
-
-def _nucleus_pick(ranked: torch.Tensor, order: torch.Tensor, top_p: float, generator) -> torch.Tensor:
-    ranked = ranked.masked_fill((ranked.cumsum(-1) - ranked) >= top_p, 0.0)
-    return order.gather(-1, torch.multinomial(ranked, 1, generator=generator))[:, 0]
+        ranked, order = probs[wide].sort(-1, descending=True)
+        keep[wide] = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order, (ranked.cumsum(-1) - ranked) < top_p)
+    return keep
 
 
 class _Sampler:
-    """Temperature and top-p sampling (`draw`) as transformers' last logits processor of a greedy search:
-    every token but the drawn one is set to -inf, so the argmax takes it."""
+    """Sampling (`draw`) as the last logits processor of transformers' greedy search: every token but the
+    drawn one is set to -inf, so the argmax takes it."""
 
     def __init__(self, temperature: float, top_p: float):
         self.temperature, self.top_p = temperature, top_p
