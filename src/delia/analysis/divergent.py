@@ -51,7 +51,7 @@ def divergent_stats(model, tokenizer, rows: list[dict]) -> dict:
             continue
         ids, right = found
         with torch.inference_mode():
-            logits = model(input_ids=torch.tensor([ids], device=model.device)).logits[0, -1].float()
+            logits = model(input_ids=torch.tensor([ids], device=model.device), logits_to_keep=1).logits[0, -1].float()
         logp = torch.log_softmax(logits, -1)
         p = logp.exp()
         per_group.setdefault(row.get("group", "all"), []).append({
