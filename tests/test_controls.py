@@ -190,3 +190,39 @@ def test_general_says_when_the_sample_leaves_fewer_queries_than_asked(tiny_model
     assert stage_general(cfg)["outputs"]["rows"] == 4  # 20 queries, 16 sampled
     assert len(read_jsonl(tmp_path / "general" / "queries.jsonl")) == 4
     assert "only 4 of controls.general_queries 6 are left after the 16 queries" in capsys.readouterr().out
+
+
+def test_drift_with_the_prompt_read_once_equals_a_plain_pass_per_answer(tiny_model_dir):
+    """arm_costs reads each prompt once and keeps its KV cache for the untouched answer and the reference:
+    the KL and NLL equal those of one plain forward pass over each whole conversation."""
+    import torch
+
+    from delia.analysis.drift import answer_logprobs, arm_costs
+    from delia.model.chat import IGNORE, tokenize_chat
+    from delia.model.loading import load_model
+
+    untouched, arm = load_model(tiny_model_dir, "float32"), load_model(tiny_model_dir, "float32")
+    with torch.no_grad():
+        arm[0].model.layers[0].mlp.down_proj.weight.mul_(1.5)
+    prompts = [[{"role": "user", "content": "Name colours." + " Then birds." * n}] for n in range(5)]
+    answers = ["Red and blue" * (n % 3 + 1) for n in range(5)]
+    references = [None, "Green.", "A robin, a wren and a finch.", None, "Blue " * 9]
+
+    def plain(model, msgs, answer, limit=0):  # (log-probabilities at the answer tokens, those tokens)
+        e = tokenize_chat(model[1], msgs + [{"role": "assistant", "content": answer}], 128)
+        targets = [i for i, label in enumerate(e["labels"]) if label != IGNORE and i > 0][: limit or None]
+        with torch.no_grad():
+            logp = torch.log_softmax(model[0](input_ids=torch.tensor([e["input_ids"]])).logits[0].float(), -1)
+        return logp[[t - 1 for t in targets]], torch.tensor([e["input_ids"][t] for t in targets])
+
+    reference = answer_logprobs(*untouched, list(zip(prompts, answers)), 128, batch_size=2)
+    kl, nll = arm_costs(reference, arm, prompts, answers, references, 128, batch_size=3, max_reference_tokens=4)
+    for i, (msgs, answer) in enumerate(zip(prompts, answers)):
+        ref, _ = plain(untouched, msgs, answer)
+        assert torch.allclose(reference[i], ref, atol=1e-4)
+        own, _ = plain(arm, msgs, answer)
+        assert abs(kl["per_row"][i][0] - float((ref.exp() * (ref - own)).sum())) < 1e-4 and kl["per_row"][i][1] == len(ref)
+    pairs = [plain(arm, m, r, 4) for m, r in zip(prompts, references) if r]
+    assert nll["tokens"] == sum(len(t) for _, t in pairs) and all(len(t) <= 4 for _, t in pairs)
+    expected = sum(float(-lp[torch.arange(len(t)), t].sum()) for lp, t in pairs) / nll["tokens"]
+    assert abs(nll["nll"] - expected) < 1e-4 and kl["kl"] > 0

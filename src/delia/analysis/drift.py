@@ -3,9 +3,10 @@
 On held-out general queries (none trained on by any arm) and the untouched model's own answers to
 them, teacher-forced: at every answer token, KL(P_untouched || P_arm) over the untouched model's
 vocabulary (an arm's added tokens have no mass under the untouched model, so they only enter through
-the arm's normalisation); the mean over all answer tokens, in nats per token. One forward pass per
-answer per model (the untouched model's once per process for a run's rows). And, where the query source has reference answers (Alpaca), the arm's mean
-negative log-likelihood of their tokens (nats per token).
+the arm's normalisation); the mean over all answer tokens, in nats per token. And, where the query
+source has reference answers (Alpaca), the arm's mean negative log-likelihood of their tokens (nats
+per token). The arm reads each prompt once, its KV cache kept for both answers; the untouched model's
+pass is made once a process for a run's rows (`delia.evaluate.probes`).
 
 Answer tokens are the assistant turn and its end-of-turn token (`delia.model.chat.tokenize_chat`); the
 untouched model and the arm may be prompted differently (an in-context arm puts its examples first),
@@ -19,43 +20,81 @@ import torch
 from ..model.chat import IGNORE, tokenize_chat
 
 
-def _batches(model, tokenizer, rows: list[tuple[list[dict], str]], max_length: int, batch_size: int,
-             max_answer_tokens: int = 0):
-    """For each batch of (prompt messages, answer): per row, the logits that predict its answer tokens
-    ([answer tokens, vocabulary], float32) and those tokens; only the first `max_answer_tokens` of an
-    answer when set. Rows are left-padded so every answer ends the batch, and the output layer runs
-    on the answer positions only (`logits_to_keep`)."""
+def _encode(tokenizer, messages: list[dict], answer: str, max_length: int, limit: int) -> tuple[list[int], list[int]]:
+    """(ids up to the answer's last target, the positions of its answer tokens: the first `limit` when set)."""
+    e = tokenize_chat(tokenizer, messages + [{"role": "assistant", "content": answer}], max_length)
+    targets = [i for i, label in enumerate(e["labels"]) if label != IGNORE and i > 0]
+    if limit:
+        targets = targets[:limit]
+    return e["input_ids"][: targets[-1] + 1 if targets else len(e["input_ids"])], targets
+
+
+def _batches(model, tokenizer, rows: list[tuple[list[dict], tuple]], max_length: int, batch_size: int,
+             limits: tuple[int, ...] = ()):
+    """For each batch of rows (prompt messages, answers): per row, per answer, the logits that predict its
+    answer tokens ([answer tokens, vocabulary], float32) and those tokens, or None where the answer is
+    None; of answer j only the first `limits[j]` tokens when set. A row's prompt runs once, with its KV
+    cache kept for each of its answers (rows left-padded so the prompts end together; the output layer
+    on the prompt's last position only)."""
+    import copy
+
     model.eval()
     pad = tokenizer.pad_token_id if tokenizer.pad_token_id is not None else 0
+    device = model.device
     for start in range(0, len(rows), batch_size):
-        chunk = []
-        for msgs, answer in rows[start : start + batch_size]:
-            e = tokenize_chat(tokenizer, msgs + [{"role": "assistant", "content": answer}], max_length)
-            targets = [i for i, label in enumerate(e["labels"]) if label != IGNORE and i > 0]
-            if max_answer_tokens:
-                targets = targets[:max_answer_tokens]
-            end = targets[-1] + 1 if targets else len(e["input_ids"])
-            chunk.append((e["input_ids"][:end], targets))
-        width = max(len(ids) for ids, _ in chunk)
-        keep = max([len(i) - t[0] + 1 for i, t in chunk if t] + [1])  # from the position before the first target
-        ids = torch.tensor([[pad] * (width - len(i)) + i for i, _ in chunk])
-        mask = torch.tensor([[0] * (width - len(i)) + [1] * len(i) for i, _ in chunk])
+        chunk = [[None if a is None else _encode(tokenizer, msgs, a, max_length, limits[j] if j < len(limits) else 0)
+                  for j, a in enumerate(answers)] for msgs, answers in rows[start : start + batch_size]]
+        prefixes = []
+        for row in chunk:  # what every answer of the row shares before its first answer token
+            found = [e for e in row if e is not None]
+            ids = found[0][0] if found else [pad]
+            n = min([len(ids)] + [t[0] for _, t in found if t])
+            for other, _ in found[1:]:
+                n = next((i for i, (a, b) in enumerate(zip(ids[:n], other)) if a != b), min(n, len(other)))
+            prefixes.append(ids[: max(n, 1)])
+        width = max(len(p) for p in prefixes)
+        ids = torch.tensor([[pad] * (width - len(p)) + p for p in prefixes], device=device)
+        mask = torch.tensor([[0] * (width - len(p)) + [1] * len(p) for p in prefixes], device=device)
         with torch.inference_mode():
-            logits = model(input_ids=ids.to(model.device), attention_mask=mask.to(model.device),
-                           position_ids=(mask.cumsum(-1) - 1).clamp(min=0).to(model.device),
-                           logits_to_keep=keep).logits
-        batch = []
-        for row, (seq, targets) in zip(logits, chunk):
-            shift = width - len(seq) - (width - keep)  # a position in `seq` -> its index among the kept logits
-            # the logits at position i - 1 predict token i
-            batch.append((row[[i - 1 + shift for i in targets]].float(),
-                          torch.tensor([seq[i] for i in targets], device=row.device)))
+            out = model(input_ids=ids, attention_mask=mask, position_ids=(mask.cumsum(-1) - 1).clamp(min=0),
+                        use_cache=True, logits_to_keep=1)
+        last, cache = out.logits[:, -1], out.past_key_values
+        batch = [[None] * len(row) for row in chunk]
+        for j in range(len(chunk[0])):
+            rest = [[] if row[j] is None else row[j][0][len(p):] for row, p in zip(chunk, prefixes)]
+            span = max(len(r) for r in rest)
+            logits = None
+            if span:
+                cont = torch.tensor([r + [pad] * (span - len(r)) for r in rest], device=device)
+                full = torch.cat([mask, torch.tensor([[1] * len(r) + [0] * (span - len(r)) for r in rest], device=device)], 1)
+                positions = torch.tensor([[len(p) + k for k in range(span)] for p in prefixes], device=device)
+                with torch.inference_mode():
+                    logits = model(input_ids=cont, attention_mask=full, position_ids=positions,
+                                   past_key_values=copy.deepcopy(cache)).logits
+            for i, (row, p) in enumerate(zip(chunk, prefixes)):
+                if row[j] is None:
+                    continue
+                seq, targets = row[j]
+                # the logits at position t - 1 predict token t: the prompt's last one, or the continuation's
+                picked = [last[i] if t - 1 < len(p) else logits[i, t - 1 - len(p)] for t in targets]
+                batch[i][j] = (torch.stack(picked).float() if picked else last[i][:0].float(),
+                               torch.tensor([seq[t] for t in targets], device=device, dtype=torch.long))
         yield batch
 
 
-def _by_length(rows: list[tuple[list[dict], str]]) -> list[int]:
-    """Row indices by text length (prompt and answer), a cheap stand-in for token counts."""
-    return sorted(range(len(rows)), key=lambda i: sum(len(m["content"]) for m in rows[i][0]) + len(rows[i][1]))
+def _by_length(rows: list[tuple[list[dict], tuple]]) -> list[int]:
+    """Row indices by text length (prompt and answers), a cheap stand-in for token counts."""
+    return sorted(range(len(rows)), key=lambda i: sum(len(m["content"]) for m in rows[i][0])
+                  + sum(len(a) for a in rows[i][1] if a))
+
+
+def _in_order(model, tokenizer, rows, max_length, batch_size, limits=()):
+    """(row index, its `_batches` entry) for every row, in batches of similar lengths: little padding."""
+    order = _by_length(rows)
+    indices = iter(order)
+    for batch in _batches(model, tokenizer, [rows[i] for i in order], max_length, batch_size, limits):
+        for entry in batch:
+            yield next(indices), entry
 
 
 def answer_logprobs(model, tokenizer, rows: list[tuple[list[dict], str]], max_length: int,
@@ -63,51 +102,59 @@ def answer_logprobs(model, tokenizer, rows: list[tuple[list[dict], str]], max_le
     """Per row (prompt messages, answer), in the rows' order: the log-probabilities over the vocabulary
     at each of its answer tokens ([answer tokens, vocabulary], float32)."""
     out: list = [None] * len(rows)
-    order = iter(_by_length(rows))  # batches of similar lengths: little padding
-    for batch in _batches(model, tokenizer, [rows[i] for i in _by_length(rows)], max_length, batch_size):
-        for logits, _ in batch:
-            out[next(order)] = torch.log_softmax(logits, -1)
+    for i, ((logits, _),) in _in_order(model, tokenizer, [(m, (a,)) for m, a in rows], max_length, batch_size):
+        out[i] = torch.log_softmax(logits, -1)
     return out
+
+
+def arm_costs(reference: list[torch.Tensor] | None, arm, prompts: list[list[dict]], answers: list[str | None],
+              references: list[str | None], max_length: int, batch_size: int = 8, max_reference_tokens: int = 0,
+              untouched: bool = False) -> tuple[dict, dict]:
+    """(KL, NLL) of an arm, (model, tokenizer), in one pass over the prompts: for each prompt, its KL
+    from the untouched model on `answers[i]` (the untouched model's answer, its log-probabilities
+    `reference[i]`; `untouched`: the arm is that model, zero by identity, not computed again) and the
+    NLL of `references[i]` (its first `max_reference_tokens`); a None answer or reference is left out.
+    KL: mean per answer token, and per row (KL summed over its tokens, tokens) in the rows' order (for
+    paired comparisons); NLL: mean per reference token."""
+    n = len(prompts)
+    kl_rows, nll, nll_tokens = [(0.0, 0)] * n, 0.0, 0
+    if untouched:
+        kl_rows = [(0.0, len(r)) if a is not None else (0.0, 0) for r, a in zip(reference, answers)]
+        answers = [None] * n
+    rows = [(p, (a, r)) for p, a, r in zip(prompts, answers, references)]
+    if any(a is not None or r is not None for _, (a, r) in rows):
+        for i, (own, ref) in _in_order(*arm, rows, max_length, batch_size, (0, max_reference_tokens)):
+            if own is not None and min(len(reference[i]), len(own[0])):
+                k = min(len(reference[i]), len(own[0]))  # the same answer: align its tokens from the end
+                vocab = min(reference[i].shape[-1], own[0].shape[-1])  # the untouched vocabulary (an arm only adds tokens)
+                ref_logp = reference[i][-k:, :vocab]
+                arm_logp = torch.log_softmax(own[0][-k:], -1)[:, :vocab]
+                kl_rows[i] = (float((ref_logp.exp() * (ref_logp - arm_logp)).sum()), k)
+            if ref is not None:
+                nll += float(torch.nn.functional.cross_entropy(ref[0], ref[1], reduction="sum"))
+                nll_tokens += len(ref[1])
+    total, tokens = sum(k for k, _ in kl_rows), sum(t for _, t in kl_rows)
+    return ({"kl": total / tokens if tokens else None, "tokens": tokens, "per_row": kl_rows},
+            {"nll": nll / nll_tokens if nll_tokens else None, "tokens": nll_tokens})
 
 
 def kl_per_token(reference: list[torch.Tensor], arm, arm_rows: list[tuple[list[dict], str]], max_length: int,
                  batch_size: int = 8) -> dict:
     """Mean KL(untouched || arm) per answer token over all rows, and per row its (KL summed over its
-    tokens, tokens), in the rows' order (for paired comparisons). `reference`: the untouched model's
-    `answer_logprobs` on the rows; `arm`: (model, tokenizer), or None for the untouched model itself
-    (zero by identity, not computed again); row i of `arm_rows` holds the same answer as the reference's,
-    prompted as the arm is."""
-    if arm is None:
-        per_row = [(0.0, len(ref)) for ref in reference]
-    else:
-        per_row = [(0.0, 0)] * len(arm_rows)
-        order = _by_length(arm_rows)
-        rows = iter(order)
-        for batch in _batches(*arm, [arm_rows[i] for i in order], max_length, batch_size):
-            for other, _ in batch:
-                i = next(rows)
-                n = min(len(reference[i]), len(other))  # the same answer: align its tokens from the end
-                if not n:
-                    continue
-                vocab = min(reference[i].shape[-1], other.shape[-1])  # the untouched vocabulary (an arm only adds tokens)
-                ref_logp = reference[i][-n:, :vocab]
-                arm_logp = torch.log_softmax(other[-n:], -1)[:, :vocab]
-                per_row[i] = (float((ref_logp.exp() * (ref_logp - arm_logp)).sum()), n)
-    total, tokens = sum(k for k, _ in per_row), sum(n for _, n in per_row)
-    return {"kl": total / tokens if tokens else None, "tokens": tokens, "per_row": per_row}
+    tokens, tokens), in the rows' order. `reference`: the untouched model's `answer_logprobs` on the rows;
+    `arm`: (model, tokenizer), or None for the untouched model itself; row i of `arm_rows` holds the
+    same answer as the reference's, prompted as the arm is."""
+    prompts, answers = [m for m, _ in arm_rows], [a for _, a in arm_rows]
+    return arm_costs(reference, arm, prompts, answers, [None] * len(arm_rows), max_length, batch_size,
+                     untouched=arm is None)[0]
 
 
 def nll_per_token(model, tokenizer, rows: list[tuple[list[dict], str]], max_length: int, batch_size: int = 8,
                   max_answer_tokens: int = 0) -> dict:
     """Mean negative log-likelihood of the answers' tokens (each row: prompt messages, answer), of the
     first `max_answer_tokens` of each when set."""
-    total, tokens = 0.0, 0
-    for batch in _batches(model, tokenizer, [rows[i] for i in _by_length(rows)], max_length, batch_size,
-                          max_answer_tokens):
-        for logits, targets in batch:
-            total += float(torch.nn.functional.cross_entropy(logits, targets, reduction="sum"))
-            tokens += len(targets)
-    return {"nll": total / tokens if tokens else None, "tokens": tokens}
+    return arm_costs(None, (model, tokenizer), [m for m, _ in rows], [None] * len(rows), [a for _, a in rows],
+                     max_length, batch_size, max_answer_tokens)[1]
 
 
 MARKERS = {"untrained": "x", "one epoch": "o", "equal steps": "s", "both": "*"}

@@ -181,18 +181,16 @@ def _drift(ev: Evaluation) -> tuple[dict, Files]:
     arm's NLL of the first `controls.general_max_new_tokens` tokens of the reference answers
     (`delia.analysis.drift`), and per query its (summed KL, tokens); with the weights on this machine
     (model arithmetic is measured on its plain model: it changes nothing on prompts without the token)."""
-    from ..analysis.drift import kl_per_token, nll_per_token
+    from ..analysis.drift import arm_costs
 
     if not ev.general:
         return {}, {}
     cfg, general, prompts = ev.cfg, ev.general, ev.general_prompts
     gen = ev.generator
     lm = (gen.model, gen.tokenizer) if cfg.generation.backend == "local" else arm_model(cfg, ev.arm)
-    length, batch = cfg.train.max_length, cfg.controls.batch_size
-    kl = kl_per_token(_untouched_logprobs(cfg, general), None if ARMS[ev.arm].is_base_model else lm,
-                      [(p, g["answer"]) for p, g in zip(prompts, general)], length, batch)
-    refs = [(p, g["reference"]) for p, g in zip(prompts, general) if g.get("reference")]
-    nll = nll_per_token(*lm, refs, length, batch, max_answer_tokens=cfg.controls.general_max_new_tokens)
+    kl, nll = arm_costs(_untouched_logprobs(cfg, general), lm, prompts, [g["answer"] for g in general],
+                        [g.get("reference") or None for g in general], cfg.train.max_length, cfg.controls.batch_size,
+                        cfg.controls.general_max_new_tokens, untouched=ARMS[ev.arm].is_base_model)
     return ({"drift": {"kl": kl["kl"], "kl_tokens": kl["tokens"], "nll": nll["nll"], "nll_tokens": nll["tokens"]}},
             {"general.jsonl": [{"kl_sum": s, "kl_tokens": n} for s, n in kl["per_row"]]})
 
