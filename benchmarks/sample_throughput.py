@@ -28,7 +28,7 @@ from train_throughput import matmul_peak  # noqa: E402
 from delia.data.queries import load_queries  # noqa: E402
 from delia.data.sample import build_prompt  # noqa: E402
 from delia.model.ct2 import CT2Generator  # noqa: E402
-from delia.model.generate import LocalGenerator, Request  # noqa: E402
+from delia.model.generate import LocalGenerator, Request, request_ids  # noqa: E402
 from delia.model.loading import load_model, resolve_model  # noqa: E402
 
 
@@ -87,7 +87,7 @@ def main() -> None:
     args = ap.parse_args()
     conversations, _ = load_queries("alpaca_en_demo")
     requests = [Request(key=str(i), messages=build_prompt(c, "plain", "")[1]) for i, c in enumerate(conversations[: args.n])]
-    peak, torch_threads = matmul_peak(), torch.get_num_threads()
+    (peak, _), torch_threads = matmul_peak(), torch.get_num_threads()
     model, tokenizer = load_model(args.model)
     params = sum(p.numel() for p in model.parameters() if p.dim() > 1) - model.get_input_embeddings().weight.numel() * (
         0 if model.config.tie_word_embeddings else 1)  # matmul weights; a tied embedding counts once (the output layer)
@@ -124,7 +124,7 @@ def main() -> None:
     # KL on the float32 answers: CTranslate2 int8 against float32, and CTranslate2 float32 against local
     rows = answers["float32"][:16]
     f32, i8 = CT2Generator(folder, 16, "float32", "cpu"), CT2Generator(folder, 16, "int8", "cpu")
-    prompts = [f32.prompt_ids(r) for r, _, _ in rows]
+    prompts = [request_ids(tokenizer, r) for r, _, _ in rows]
     seqs = [p + tokenizer(text, add_special_tokens=False)["input_ids"] for p, (_, text, _) in zip(prompts, rows)]
     starts = [len(p) for p in prompts]
     lp32, lp8 = ct2_logprobs(f32, seqs), ct2_logprobs(i8, seqs)
