@@ -69,8 +69,9 @@ def _batches(model, tokenizer, rows: list[tuple[list[dict], tuple]], max_length:
                 full = torch.cat([mask, torch.tensor([[1] * len(r) + [0] * (span - len(r)) for r in rest], device=device)], 1)
                 positions = torch.tensor([[len(p) + k for k in range(span)] for p in prefixes], device=device)
                 with torch.inference_mode():
+                    last_answer = j == len(chunk[0]) - 1  # it may extend the prompt's cache itself
                     logits = model(input_ids=cont, attention_mask=full, position_ids=positions,
-                                   past_key_values=copy.deepcopy(cache)).logits
+                                   past_key_values=cache if last_answer else copy.deepcopy(cache)).logits
             for i, (row, p) in enumerate(zip(chunk, prefixes)):
                 if row[j] is None:
                     continue
@@ -124,8 +125,8 @@ def arm_costs(reference: list[torch.Tensor] | None, arm, prompts: list[list[dict
     rows = [(p, (a, r)) for p, a, r in zip(prompts, answers, references)]
     if any(a is not None or r is not None for _, (a, r) in rows):
         for i, (own, ref) in _in_order(*arm, rows, max_length, batch_size, (0, max_reference_tokens)):
-            if own is not None and min(len(reference[i]), len(own[0])):
-                k = min(len(reference[i]), len(own[0]))  # the same answer: align its tokens from the end
+            k = min(len(reference[i]), len(own[0])) if own is not None else 0  # the same answer: aligned from the end
+            if k:
                 vocab = min(reference[i].shape[-1], own[0].shape[-1])  # the untouched vocabulary (an arm only adds tokens)
                 ref_logp = reference[i][-k:, :vocab]
                 arm_logp = torch.log_softmax(own[0][-k:], -1)[:, :vocab]

@@ -85,14 +85,15 @@ def nucleus(scores: torch.Tensor, top_p: float, k: int = 64) -> torch.Tensor:
     mass ranked above it is under `top_p`. Looked for among the `k` most probable tokens, and in the
     full ranking only for rows whose nucleus is larger (a sort of the vocabulary was a fifth of a
     sampling step)."""
+    def kept(probs, ranked, order):  # over the vocabulary: the ranked tokens whose mass above is under top_p
+        return torch.zeros_like(probs, dtype=torch.bool).scatter_(-1, order, (ranked.cumsum(-1) - ranked) < top_p)
+
     probs = torch.softmax(scores, -1)
-    keep = torch.zeros_like(probs, dtype=torch.bool)
     ranked, order = probs.topk(min(k, probs.shape[-1]), -1)
-    keep.scatter_(-1, order, (ranked.cumsum(-1) - ranked) < top_p)
+    keep = kept(probs, ranked, order)
     wide = ranked.sum(-1) < top_p  # the nucleus goes beyond the k-th token
     if wide.any():
-        ranked, order = probs[wide].sort(-1, descending=True)
-        keep[wide] = torch.zeros_like(ranked, dtype=torch.bool).scatter_(-1, order, (ranked.cumsum(-1) - ranked) < top_p)
+        keep[wide] = kept(probs[wide], *probs[wide].sort(-1, descending=True))
     return keep
 
 
