@@ -128,7 +128,7 @@ def across_runs_table(exp: dict, results: list[dict]) -> list[str]:
 
     first = exp["runs"][0]["name"]
     base = {(r["seed"], a): r["run_dir"] for r in results if r["run"] == first for a, m in r["arms"].items() if m["train"]}
-    lines = []
+    found = []
     for run in exp["runs"][1:]:
         rows = [r for r in results if r["run"] == run["name"]]
         for arm in dict.fromkeys(a for r in rows for a in r["arms"]):
@@ -137,15 +137,20 @@ def across_runs_table(exp: dict, results: list[dict]) -> list[str]:
                 continue
             d = compare([arm_rows(mine, arm) for mine, _ in pairs], [arm_rows(theirs, arm) for _, theirs in pairs])
             if len(d) > 1:
-                lines.append("| " + " | ".join([run["name"], label(arm), str(len(pairs))] + _cell(d.get("heldout"), 100, 1)
-                                               + _cell(d.get("kl"), 1, 3)) + " |")
-    if not lines:
+                found.append((run["name"], arm, len(pairs), d))
+    if not found:
         return []
+    switch = any("switch" in d for *_, d in found)
     pct = f"{100 * CONFIDENCE:.0f} %"
+    lines = ["| " + " | ".join([name, label(arm), str(seeds)] + _cell(d.get("heldout"), 100, 1) + _cell(d.get("kl"), 1, 3)
+                              + (_cell(d.get("switch"), 100, 1) if switch else [])) + " |"
+             for name, arm, seeds, d in found]
     return ["", f"## Each arm against itself in run {first}", "",
             f"Paired bootstrap over the seeds both runs finished and their rows ({RESAMPLES:,} resamples, {pct} interval).", "",
             f"| Run | Arm | Seeds | Held-out format, run − {first} (points) [{pct}] | Beyond noise | "
-            f"KL, run − {first} (nats/token) [{pct}] | Beyond noise |", "|---|---|---|---|---|---|---|"] + lines
+            f"KL, run − {first} (nats/token) [{pct}] | Beyond noise |"
+            + (f" Switch, run − {first} (points) [{pct}] | Beyond noise |" if switch else ""),
+            "|---|---|---|---|---|---|---|" + ("---|---|" if switch else "")] + lines
 
 
 def costs_tables(exp: dict, results: list[dict]) -> list[str]:
