@@ -361,7 +361,6 @@ def stage_analyze(cfg: RunConfig) -> dict:
     (Table 1, Figure 2) and the divergent token over the evaluation rows (Figure 4)."""
     from .analysis.divergent import divergent_stats, plot_divergent
     from .analysis.token_distance import plot_distances, token_keyword_distances
-    from .model.tokens import add_new_tokens
 
     run = paths(cfg)
     folder = run.analysis()
@@ -381,12 +380,8 @@ def stage_analyze(cfg: RunConfig) -> dict:
 
     from tqdm import tqdm
 
-    def untouched(init: str):  # the untouched model, the new token initialised so
-        model, tokenizer = base_model(cfg)
-        add_new_tokens(model, tokenizer, cfg.task.new_tokens, init, cfg.task.description, cfg.seed)
-        return model, tokenizer
-
-    models = [(f"untouched ({init} init)", lambda init=init: untouched(init)) for init in ("random", "mean", "description")]
+    models = [(f"untouched ({init} init)", lambda init=init: arm_model(cfg, f"init_{init}"))
+              for init in ("random", "mean", "description")]  # the new token initialised so, nothing trained
     models += [(arm, lambda arm=arm: arm_model(cfg, arm)) for arm in adapters]  # merged: one matrix a layer
     for name, load in tqdm(models, desc="analyze", unit="model"):
         measure(name, *load())

@@ -14,7 +14,7 @@ from .arms import trained_arms
 from .config import RunConfig, config_dict, model_key, train_settings
 from .data.mix import delia_task_rows, diverse_count, mix_with_diverse
 from .errors import DeliaError
-from .model.arm import adapter_of, base_model
+from .model.arm import adapter_of, arm_model, base_model
 from .pipeline import check_arm, paths, stage_sample, stage_task, up_to_date
 from .runfolder import Stage, atomic_path, read_jsonl, write_json
 
@@ -149,14 +149,11 @@ def stage_diagnose(cfg: RunConfig, arm: str = "untouched", max_task_rows: int = 
     ideal = [r for r in read_jsonl(run.task_eval) if r.get("group") == "heldout"]
     if not ideal:
         raise DeliaError(f"{run.task_eval}: no rows with held-out wordings to stand in for the ideal features")
-    model, tokenizer = base_model(cfg)
-    if arm == "untouched":
+    if arm == "untouched":  # its new token as training starts it
+        model, tokenizer = base_model(cfg)
         add_new_tokens(model, tokenizer, cfg.task.new_tokens, cfg.train.token_init, cfg.task.description, cfg.seed)
     else:
-        from .model.adapter import load_adapter
-
-        model, tokenizer = load_adapter(model, tokenizer, adapter_of(cfg, arm))
-        model = model.merge_and_unload()
+        model, tokenizer = arm_model(cfg, arm)  # the adapter merged
     groups = buffering.parameter_groups(model, cfg.train.target_modules)
     length = cfg.train.max_length
     grads = {name: buffering.gradient(model, tokenizer, rows, groups, length, cfg.train.micro_batch_size)
