@@ -98,17 +98,21 @@ def paired_table(results: list[dict], run: str, reference: str = "delia") -> lis
         return []
     pct = f"{100 * CONFIDENCE:.0f} %"
     name, short = {"delia": ("DELIA", "DELIA"), "kl_anchor": ("the KL anchor", "anchor")}[reference]
-    switch = any("switch" in d for d in found.values())
-    lines = [f"### Against {name}: paired bootstrap over {len(rows)} seed(s) and their rows ({RESAMPLES:,} "
-             f"resamples, {pct} interval)", "",
-             f"| Arm | Held-out format, arm − {short} (points) [{pct}] | Beyond noise | "
-             f"KL, arm − {short} (nats/token) [{pct}] | Beyond noise |"
-             + (f" Switch, arm − {short} (points) [{pct}] | Beyond noise |" if switch else ""),
-             "|---|---|---|---|---|" + ("---|---|" if switch else "")]
-    for arm, d in found.items():
-        cells = [label(arm)] + _cell(d.get("heldout"), 100, 1) + _cell(d.get("kl"), 1, 3)
-        lines.append("| " + " | ".join(cells + (_cell(d.get("switch"), 100, 1) if switch else [])) + " |")
-    return lines
+    header, separator, cells = _differences(list(found.values()), f"arm − {short}", pct)
+    return [f"### Against {name}: paired bootstrap over {len(rows)} seed(s) and their rows ({RESAMPLES:,} "
+            f"resamples, {pct} interval)", "", f"| Arm | {header}", f"|---|{separator}"] + [
+        "| " + " | ".join([label(arm)] + cells(d)) + " |" for arm, d in found.items()]
+
+
+def _differences(found: list[dict], what: str, pct: str):
+    """(header, separator, cells of one comparison) of the bootstrap difference columns: held-out format,
+    KL and, where any comparison measured it, switch consistency; `what` names the difference."""
+    switch = any("switch" in d for d in found)
+    header = (f"Held-out format, {what} (points) [{pct}] | Beyond noise | KL, {what} (nats/token) [{pct}] | Beyond noise |"
+              + (f" Switch, {what} (points) [{pct}] | Beyond noise |" if switch else ""))
+    separator = "---|---|---|---|" + ("---|---|" if switch else "")
+    return header, separator, lambda d: (_cell(d.get("heldout"), 100, 1) + _cell(d.get("kl"), 1, 3)
+                                         + (_cell(d.get("switch"), 100, 1) if switch else []))
 
 
 def _cell(d: dict | None, scale: float, digits: int) -> list[str]:
@@ -140,17 +144,12 @@ def across_runs_table(exp: dict, results: list[dict]) -> list[str]:
                 found.append((run["name"], arm, len(pairs), d))
     if not found:
         return []
-    switch = any("switch" in d for *_, d in found)
     pct = f"{100 * CONFIDENCE:.0f} %"
-    lines = ["| " + " | ".join([name, label(arm), str(seeds)] + _cell(d.get("heldout"), 100, 1) + _cell(d.get("kl"), 1, 3)
-                              + (_cell(d.get("switch"), 100, 1) if switch else [])) + " |"
-             for name, arm, seeds, d in found]
+    header, separator, cells = _differences([d for *_, d in found], f"run − {first}", pct)
     return ["", f"## Each arm against itself in run {first}", "",
             f"Paired bootstrap over the seeds both runs finished and their rows ({RESAMPLES:,} resamples, {pct} interval).", "",
-            f"| Run | Arm | Seeds | Held-out format, run − {first} (points) [{pct}] | Beyond noise | "
-            f"KL, run − {first} (nats/token) [{pct}] | Beyond noise |"
-            + (f" Switch, run − {first} (points) [{pct}] | Beyond noise |" if switch else ""),
-            "|---|---|---|---|---|---|---|" + ("---|---|" if switch else "")] + lines
+            f"| Run | Arm | Seeds | {header}", f"|---|---|---|{separator}"] + [
+        "| " + " | ".join([name, label(arm), str(seeds)] + cells(d)) + " |" for name, arm, seeds, d in found]
 
 
 def costs_tables(exp: dict, results: list[dict]) -> list[str]:
