@@ -128,7 +128,6 @@ def stage_diagnose(cfg: RunConfig, arm: str = "untouched", max_task_rows: int = 
     `max_task_rows` training task rows, mix.ratio x as many diverse rows, the held-out-wording rows.
     Writes diagnose/ARM/buffering.json and buffering.png, prints the table."""
     from .analysis import buffering
-    from .model.tokens import add_new_tokens
 
     check_arm("diagnose", arm, ("untouched", *trained_arms()))
     run = paths(cfg)
@@ -149,11 +148,8 @@ def stage_diagnose(cfg: RunConfig, arm: str = "untouched", max_task_rows: int = 
     ideal = [r for r in read_jsonl(run.task_eval) if r.get("group") == "heldout"]
     if not ideal:
         raise DeliaError(f"{run.task_eval}: no rows with held-out wordings to stand in for the ideal features")
-    if arm == "untouched":  # its new token as training starts it
-        model, tokenizer = base_model(cfg)
-        add_new_tokens(model, tokenizer, cfg.task.new_tokens, cfg.train.token_init, cfg.task.description, cfg.seed)
-    else:
-        model, tokenizer = arm_model(cfg, arm)  # the adapter merged
+    # the untouched model with its new token as training starts it, or the trained arm merged
+    model, tokenizer = arm_model(cfg, f"init_{cfg.train.token_init}" if arm == "untouched" else arm)
     groups = buffering.parameter_groups(model, cfg.train.target_modules)
     length = cfg.train.max_length
     grads = {name: buffering.gradient(model, tokenizer, rows, groups, length, cfg.train.micro_batch_size)
