@@ -85,6 +85,22 @@ def tiny(tiny_model_dir):
     return load_model(tiny_model_dir)
 
 
+def varied_model(folder, scale: float = 1.0):
+    """(model, tokenizer) of the tiny model with larger random weights, so that its greedy answers vary
+    from token to token instead of repeating one; `scale` multiplies one block's MLP output (another arm)."""
+    import torch
+
+    from delia.model.loading import load_model
+
+    lm = load_model(folder, "float32")
+    torch.manual_seed(0)
+    with torch.no_grad():
+        for p in lm[0].parameters():
+            p.add_(torch.randn_like(p) * 0.6)
+        lm[0].model.layers[1].mlp.down_proj.weight.mul_(scale)
+    return lm
+
+
 def dies_after(batches, n: int):
     """A generator's `batches` method that raises KeyboardInterrupt (a kill) after yielding `n` batches."""
 

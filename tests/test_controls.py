@@ -5,6 +5,7 @@ from __future__ import annotations
 import json
 
 import pytest
+from conftest import varied_model
 
 from delia.config import ControlsConfig, TaskConfig, load_config
 from delia.evaluate.controls import CONTROLS, control_rows, switch_consistency, without_token_sentences
@@ -226,3 +227,42 @@ def test_drift_with_the_prompt_read_once_equals_a_plain_pass_per_answer(tiny_mod
     assert nll["tokens"] == sum(len(t) for _, t in pairs) and all(len(t) <= 4 for _, t in pairs)
     expected = sum(float(-lp[torch.arange(len(t)), t].sum()) for lp, t in pairs) / nll["tokens"]
     assert abs(nll["nll"] - expected) < 1e-4 and kl["kl"] > 0
+
+
+def test_greedy_answers_going_on_from_the_drift_pass_equal_plain_generation(tiny_model_dir):
+    """The leakage probe's answers go on from where the arm's teacher-forced pass over the untouched
+    model's answers showed its greedy answer leaving them: the same answers as generating them whole,
+    with the local and the gist generators."""
+    import torch
+
+    from delia.analysis.drift import answer_logprobs, arm_costs
+    from delia.evaluate.formatted import generate_answers
+    from delia.model.generate import LocalGenerator
+    from delia.model.gist import GistGenerator
+
+    untouched = varied_model(tiny_model_dir)
+    prompts = [[{"role": "user", "content": text}] for text in
+               ("Give three tips.", "What is 12 + 30?", "Name the capital of France.", "Check the answer.",
+                "Eat well, sleep.", "Question: keys?")]
+    budget = 12
+    answers = [a for a, _ in generate_answers(LocalGenerator(*untouched, batch_size=4), prompts, budget)]
+    reference = answer_logprobs(*untouched, [(p, a) for p, a in zip(prompts, answers)], 128, batch_size=4)
+    for scale in (1.0, 1.5):
+        arm = varied_model(tiny_model_dir, scale)
+        own = []  # the arm's greedy answer ids, one prompt at a time
+        for messages in prompts:
+            ids = arm[1].apply_chat_template(messages, add_generation_prompt=True, return_tensors="pt", return_dict=True)
+            with torch.no_grad():
+                out = arm[0].generate(**ids, max_new_tokens=budget, do_sample=False)[0, ids["input_ids"].shape[1]:].tolist()
+            own.append(out[: next((j for j, t in enumerate(out) if t == arm[1].eos_token_id), len(out))])
+        for gen in (LocalGenerator(*arm, batch_size=4), GistGenerator(*arm, ["<sep>"], batch_size=4)):
+            kl, _ = arm_costs(reference, arm, prompts, answers, [None] * len(prompts), 128, 3,
+                              greedy=(set(gen._stop_ids()), budget))
+            starts = kl["greedy"]
+            assert all(known == tuple(ids[: len(known)]) and known for (known, _), ids in zip(starts, own))
+            plain = generate_answers(gen, prompts, budget)
+            assert generate_answers(gen, prompts, budget, starts=starts) == plain
+            # longer starts than the untouched answers give here, every length from none to the whole answer
+            cut = [(tuple(ids[: (3 * i) % (len(ids) + 1)]), (3 * i) % (len(ids) + 1) == len(ids)) for i, ids in enumerate(own)]
+            assert any(0 < len(k) < len(ids) for (k, _), ids in zip(cut, own)) and any(done for _, done in cut)
+            assert generate_answers(gen, prompts, budget, starts=cut) == plain

@@ -123,3 +123,39 @@ def test_sampled_answers_are_those_of_transformers_sampling(tiny_model_dir):
         n = next((j for j, t in enumerate(row) if t in stop), len(row))
         theirs.append(tok.decode(row[:n], skip_special_tokens=True).strip())
     assert ours == theirs and len(set(ours)) > 1
+
+
+def test_greedy_answers_are_those_of_transformers_greedy_search(tiny_model_dir):
+    """The local backend decodes greedily with finished rows leaving the batch: the same answers and counts
+    as `generate`'s greedy search over the same batches, rows ending at different steps (a stop token
+    the model picks often; requests that go on from answer tokens already known)."""
+    import torch
+
+    from conftest import varied_model
+    from delia.model.generate import Request, request_ids
+
+    model, tok = varied_model(tiny_model_dir)
+    gen = LocalGenerator(model, tok, 4)
+    stop = [tok.eos_token_id, 174]  # a byte the varied model often writes
+    gen._stop_ids = lambda: stop
+    texts = ["Give three tips.", "What is 12 + 30?", "Name the capital of France.", "Check the answer.",
+             "Eat well, sleep.", "Question: keys?", "The capital of France is Paris.", "Name two birds."]
+    requests = [Request(key=str(i), messages=[{"role": "user", "content": t}], prefix=(42,) * (i % 3))
+                for i, t in enumerate(texts)]
+    ours = {r.key: (text, n) for batch in gen.batches(requests, 12) for r, text, n in batch}
+    encoded = sorted(((request_ids(tok, r) + list(r.prefix), r) for r in requests), key=lambda e: len(e[0]))
+    theirs = {}
+    for start in range(0, len(encoded), 4):
+        chunk = encoded[start:start + 4]
+        width = max(len(i) for i, _ in chunk)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i, _ in chunk])
+        mask = (torch.arange(width)[None] >= torch.tensor([[width - len(i)] for i, _ in chunk])).long()
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
+                             pad_token_id=tok.pad_token_id, eos_token_id=stop)
+        for row, (_, r) in zip(out[:, width:].tolist(), chunk):
+            row = list(r.prefix) + row
+            n = min(next((j for j, t in enumerate(row) if t in stop), len(row)), 12)
+            theirs[r.key] = (tok.decode(row[:n], skip_special_tokens=True).strip(), n)
+    assert ours == theirs
+    counts = [n for _, n in ours.values()]
+    assert min(counts) < 10 and max(counts) == 12 and len(set(counts)) > 2  # rows left the batch at several steps

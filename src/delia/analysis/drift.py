@@ -32,10 +32,10 @@ def _encode(tokenizer, messages: list[dict], answer: str, max_length: int, limit
 def _batches(model, tokenizer, rows: list[tuple[list[dict], tuple]], max_length: int, batch_size: int,
              limits: tuple[int, ...] = ()):
     """For each batch of rows (prompt messages, answers): per row, per answer, the logits that predict its
-    answer tokens ([answer tokens, vocabulary], float32) and those tokens, or None where the answer is
-    None; of answer j only the first `limits[j]` tokens when set. A row's prompt runs once, with its KV
-    cache kept for each of its answers (rows left-padded so the prompts end together; the output layer
-    on the prompt's last position only)."""
+    answer tokens ([answer tokens, vocabulary], float32), those tokens and the ids before them (None if the
+    answer tokens are not one run), or None where the answer is None; of answer j only the first
+    `limits[j]` tokens when set. A row's prompt runs once, with its KV cache kept for each of its answers
+    (rows left-padded so the prompts end together; the output layer on the prompt's last position only)."""
     import copy
 
     model.eval()
@@ -79,7 +79,8 @@ def _batches(model, tokenizer, rows: list[tuple[list[dict], tuple]], max_length:
                 # the logits at position t - 1 predict token t: the prompt's last one, or the continuation's
                 picked = [last[i] if t - 1 < len(p) else logits[i, t - 1 - len(p)] for t in targets]
                 batch[i][j] = (torch.stack(picked).float() if picked else last[i][:0].float(),
-                               torch.tensor([seq[t] for t in targets], device=device, dtype=torch.long))
+                               torch.tensor([seq[t] for t in targets], device=device, dtype=torch.long),
+                               seq[: targets[0]] if targets == list(range(targets[0], targets[-1] + 1)) else None)
         yield batch
 
 
@@ -103,22 +104,44 @@ def answer_logprobs(model, tokenizer, rows: list[tuple[list[dict], str]], max_le
     """Per row (prompt messages, answer), in the rows' order: the log-probabilities over the vocabulary
     at each of its answer tokens ([answer tokens, vocabulary], float32)."""
     out: list = [None] * len(rows)
-    for i, ((logits, _),) in _in_order(model, tokenizer, [(m, (a,)) for m, a in rows], max_length, batch_size):
+    for i, ((logits, *_),) in _in_order(model, tokenizer, [(m, (a,)) for m, a in rows], max_length, batch_size):
         out[i] = torch.log_softmax(logits, -1)
     return out
 
 
+def greedy_prefix(logits: torch.Tensor, tokens: torch.Tensor, stop, budget: int) -> tuple[tuple[int, ...], bool]:
+    """How far the arm's greedy answer is known from one teacher-forced pass over another answer's `tokens`
+    (`logits` predicting each): while its argmax is the token it was fed, the greedy answer is that answer;
+    at the first other argmax it is that token (and what comes after is unknown). (The tokens known,
+    whether the answer is finished: a token in `stop` chosen, or `budget` tokens known.)"""
+    known: list[int] = []
+    for pick, fed in zip(logits.argmax(-1).tolist(), tokens.tolist()):
+        if pick in stop:
+            return tuple(known), True
+        known.append(pick)
+        if len(known) >= budget:
+            return tuple(known), True
+        if pick != fed:
+            break
+    return tuple(known), False
+
+
 def arm_costs(reference: list[torch.Tensor] | None, arm, prompts: list[list[dict]], answers: list[str | None],
               references: list[str | None], max_length: int, batch_size: int = 8, max_reference_tokens: int = 0,
-              untouched: bool = False) -> tuple[dict, dict]:
+              untouched: bool = False, greedy: tuple[set[int], int] | None = None) -> tuple[dict, dict]:
     """(KL, NLL) of an arm, (model, tokenizer), in one pass over the prompts: for each prompt, its KL
     from the untouched model on `answers[i]` (the untouched model's answer, its log-probabilities
     `reference[i]`; `untouched`: the arm is that model, zero by identity, not computed again) and the
     NLL of `references[i]` (its first `max_reference_tokens`); a None answer or reference is left out.
     KL: mean per answer token, and per row (KL summed over its tokens, tokens) in the rows' order (for
-    paired comparisons); NLL: mean per reference token."""
+    paired comparisons); NLL: mean per reference token. `greedy` (stop tokens, budget): the KL also gives,
+    per row, the start of the arm's greedy answer its pass shows (`greedy_prefix`: tokens, finished), or
+    None where the pass read the prompt otherwise than generation does."""
+    from ..model.generate import Request, request_ids
+
     n = len(prompts)
     kl_rows, nll, nll_tokens = [(0.0, 0)] * n, 0.0, 0
+    starts: list = [None] * n
     if untouched:
         kl_rows = [(0.0, len(r)) if a is not None else (0.0, 0) for r, a in zip(reference, answers)]
         answers = [None] * n
@@ -131,11 +154,13 @@ def arm_costs(reference: list[torch.Tensor] | None, arm, prompts: list[list[dict
                 ref_logp = reference[i][-k:, :vocab]
                 arm_logp = torch.log_softmax(own[0][-k:], -1)[:, :vocab]
                 kl_rows[i] = (float((ref_logp.exp() * (ref_logp - arm_logp)).sum()), k)
+            if greedy and own is not None and own[2] == request_ids(arm[1], Request("", prompts[i])):
+                starts[i] = greedy_prefix(own[0], own[1], *greedy)
             if ref is not None:
                 nll += float(torch.nn.functional.cross_entropy(ref[0], ref[1], reduction="sum"))
                 nll_tokens += len(ref[1])
     total, tokens = sum(k for k, _ in kl_rows), sum(t for _, t in kl_rows)
-    return ({"kl": total / tokens if tokens else None, "tokens": tokens, "per_row": kl_rows},
+    return ({"kl": total / tokens if tokens else None, "tokens": tokens, "per_row": kl_rows, "greedy": starts},
             {"nll": nll / nll_tokens if nll_tokens else None, "tokens": nll_tokens})
 
 

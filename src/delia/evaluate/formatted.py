@@ -73,12 +73,20 @@ def summarise(scored: list[dict], budget: int) -> dict:
 
 
 def generate_answers(generator, prompts: list[list[dict]], budget: int, seed: int = 0,
-                     desc: str = "evaluate") -> list[tuple[str, int]]:
-    """Greedy (text, generated tokens) for each prompt, in order, with a progress bar."""
-    requests = [Request(key=str(i), messages=m) for i, m in enumerate(prompts)]
-    answers: dict[str, tuple[str, int]] = {}
-    with tqdm(total=len(requests), desc=desc, unit="row") as bar:
-        for batch in generator.batches(requests, budget, temperature=0.0, seed=seed):
+                     desc: str = "evaluate", starts: list | None = None) -> list[tuple[str, int]]:
+    """Greedy (text, generated tokens) for each prompt, in order, with a progress bar. `starts`: per prompt,
+    the start of its greedy answer found by teacher forcing (`delia.analysis.drift.greedy_prefix`: tokens,
+    finished) or None, for a generator that `continues_prefixes`: a finished one is not generated, the
+    others go on from their tokens."""
+    from ..model.generate import answer_of
+
+    starts = starts or [None] * len(prompts)
+    requests = [Request(key=str(i), messages=m, prefix=s[0] if s else ()) for i, (m, s) in enumerate(zip(prompts, starts))]
+    answers: dict[str, tuple[str, int]] = {r.key: answer_of(generator.tokenizer, r, [], (), budget)
+                                           for r, s in zip(requests, starts) if s and s[1]}
+    pending = [r for r in requests if r.key not in answers]
+    with tqdm(total=len(requests), initial=len(answers), desc=desc, unit="row") as bar:
+        for batch in generator.batches(pending, budget, temperature=0.0, seed=seed) if pending else ():
             for request, text, n in batch:
                 answers[request.key] = (text, n)
             bar.update(len(batch))

@@ -46,6 +46,9 @@ class Evaluation:
     """The rewrite applies to general queries too (the arm is deployed so)."""
     results: dict[str, tuple[dict, Files]] = field(default_factory=dict)
     """What each probe run so far returned, by name (a probe reads those it `needs`)."""
+    general_starts: list | None = None
+    """Per general query, the start of the arm's greedy answer its drift pass showed (`delia.analysis.drift.
+    greedy_prefix`), or None: the leakage probe goes on from there instead of generating it all again."""
 
     @cached_property
     def rows(self) -> list[dict]:
@@ -142,7 +145,9 @@ def _general_input(run: RunFolder) -> dict:
 
 def _leakage(ev: Evaluation) -> tuple[dict, Files]:
     """How much of the task's format leaks into the arm's answers to the held-out general queries; the
-    untouched model's answers are its own (stage `general`)."""
+    untouched model's answers are its own (stage `general`). After the drift probe, each answer goes on
+    from where the arm's pass over the untouched model's answer showed its greedy answer leaving it (the
+    same greedy answers, fewer decoding steps)."""
     from .formatted import generate_answers, leakage
 
     if not ev.general:
@@ -151,7 +156,8 @@ def _leakage(ev: Evaluation) -> tuple[dict, Files]:
     if ARMS[ev.arm].is_base_model:
         answers = [(g["answer"], g["tokens"]) for g in ev.general]
     else:
-        answers = generate_answers(ev.generator, ev.general_prompts, budget, ev.cfg.seed, desc="general queries")
+        answers = generate_answers(ev.generator, ev.general_prompts, budget, ev.cfg.seed, desc="general queries",
+                                   starts=ev.general_starts)
     figures = leakage(answers, [g["tokens"] for g in ev.general], ev.cfg.task, budget)
     rows = [{"query": g["messages"][-1]["content"], "answer": text, "tokens": n}
             for g, (text, n) in zip(ev.general, answers)]
@@ -186,11 +192,14 @@ def _drift(ev: Evaluation) -> tuple[dict, Files]:
     if not ev.general:
         return {}, {}
     cfg, general, prompts = ev.cfg, ev.general, ev.general_prompts
-    gen = ev.generator
-    lm = (gen.model, gen.tokenizer) if cfg.generation.backend == "local" else arm_model(cfg, ev.arm)
+    gen, budget = ev.generator, cfg.controls.general_max_new_tokens
+    here = cfg.generation.backend == "local"
+    lm = (gen.model, gen.tokenizer) if here else arm_model(cfg, ev.arm)
+    greedy = (set(gen._stop_ids()), budget) if here and gen.continues_prefixes else None
     kl, nll = arm_costs(_untouched_logprobs(cfg, general), lm, prompts, [g["answer"] for g in general],
                         [g.get("reference") or None for g in general], cfg.train.max_length, cfg.controls.batch_size,
-                        cfg.controls.general_max_new_tokens, untouched=ARMS[ev.arm].is_base_model)
+                        budget, untouched=ARMS[ev.arm].is_base_model, greedy=greedy)
+    ev.general_starts = kl["greedy"] if greedy else None
     return ({"drift": {"kl": kl["kl"], "kl_tokens": kl["tokens"], "nll": nll["nll"], "nll_tokens": nll["tokens"]}},
             {"general.jsonl": [{"kl_sum": s, "kl_tokens": n} for s, n in kl["per_row"]]})
 
@@ -200,8 +209,8 @@ PROBES: dict[str, Probe] = {
     "translation": Probe(_translation, kinds=("translation",)),
     "controls": Probe(_controls, settings=("controls",), changes_model=True),
     "switch": Probe(_switch, settings=("controls",), needs=("format", "controls")),
-    "leakage": Probe(_leakage, settings=("controls",), inputs=_general_input),
     "drift": Probe(_drift, settings=("controls",), inputs=_general_input),
+    "leakage": Probe(_leakage, settings=("controls",), inputs=_general_input),  # goes on from drift's greedy starts
 }
 """Every probe (`applicable` gives the order they run in)."""
 

@@ -23,6 +23,8 @@ def describe_tokens(messages: list[dict], task: TaskConfig) -> list[dict]:
 class ArithmeticGenerator(LocalGenerator):
     """Decoding by model arithmetic over one model: M_desc + lam * (M_desc - M_plain)."""
 
+    continues_prefixes = False
+
     def __init__(self, model, tokenizer, task: TaskConfig, lam: float = 1.0, batch_size: int = 8):
         super().__init__(model, tokenizer, batch_size)
         self.task = task

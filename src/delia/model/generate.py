@@ -31,6 +31,10 @@ class Request:
     messages: list[dict]
     text: str = ""
     """A raw prompt, already in the model's template (Magpie-style query generation); local backend only."""
+    prefix: tuple[int, ...] = ()
+    """Answer tokens already decided (greedy tokens found by teacher forcing, `delia.analysis.drift`): the
+    answer goes on from them, they count toward `max_new_tokens` and are part of the text and count
+    returned; only for generators whose `continues_prefixes` is true."""
 
 
 class Generator(Protocol):
@@ -109,7 +113,19 @@ class _Sampler:
         return torch.full_like(scores, float("-inf")).scatter_(-1, token[:, None], 0.0)
 
 
+def answer_of(tokenizer, request: Request, generated: list[int], eos, max_new_tokens: int) -> tuple[str, int]:
+    """(text, token count) of a request's answer: its prefix and the generated tokens up to the first in
+    `eos` and to `max_new_tokens` in all."""
+    row = list(request.prefix) + generated
+    n = next((j for j, tok in enumerate(row) if tok in eos), len(row))
+    n = min(n, max_new_tokens)
+    return tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n
+
+
 class LocalGenerator:
+    continues_prefixes = True
+    """It goes on from a request's `prefix` (the subclasses that change the logits do not)."""
+
     def __init__(self, model, tokenizer, batch_size: int = 16):
         self.model = model
         self.tokenizer = tokenizer
@@ -131,20 +147,26 @@ class LocalGenerator:
         """Yield, batch by batch, (request, generated text, generated token count); `should_stop()` true
         (checked every step) ends a batch early with what it has (a server whose client went away); a
         `streamer` (transformers' streamers, one request per batch) gets the tokens as they are made."""
-        encoded = [(request_ids(self.tokenizer, r), r) for r in requests]
+        encoded = [(request_ids(self.tokenizer, r) + list(r.prefix), r) for r in requests]
         pad = self.tokenizer.pad_token_id
         eos = self._stop_ids()
         self.model.eval()
         for chunk in length_sorted_chunks(encoded, self.batch_size):
             width = max(len(ids) for ids, _ in chunk)
+            steps = [max_new_tokens - len(r.prefix) for _, r in chunk]
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in chunk])
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in chunk])
+            if temperature <= 0 and should_stop is None and streamer is None:
+                rows = self._greedy(input_ids, attention, steps, eos)
+                yield [(request, *answer_of(self.tokenizer, request, row, eos, max_new_tokens))
+                       for row, (_, request) in zip(rows, chunk)]
+                continue
             torch.manual_seed(batch_seed(seed, [r.key for _, r in chunk]))
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids=input_ids.to(self.model.device),
                     attention_mask=attention.to(self.model.device),
-                    max_new_tokens=max_new_tokens,
+                    max_new_tokens=max(max(steps), 1),
                     do_sample=False,  # sampling is the last logits processor's (`draw`)
                     logits_processor=[_Sampler(temperature, top_p)] if temperature > 0 else None,
                     temperature=None,
@@ -155,15 +177,43 @@ class LocalGenerator:
                     stopping_criteria=_stop_when(should_stop) if should_stop else None,
                     streamer=streamer,
                 )
-            results = []
-            for row, (_, request) in zip(out[:, width:].tolist(), chunk):
-                n = len(row)
-                for j, tok in enumerate(row):
-                    if tok in eos:
-                        n = j
+            yield [(request, *answer_of(self.tokenizer, request, row, eos, max_new_tokens))
+                   for row, (_, request) in zip(out[:, width:].tolist(), chunk)]
+
+    def _greedy(self, input_ids: torch.Tensor, attention: torch.Tensor, steps: list[int], eos) -> list[list[int]]:
+        """Greedy answers of left-padded prompts, each up to its `steps` tokens, as transformers' greedy
+        `generate` decodes them, except that a row that has ended leaves the batch (its key cache rows
+        are dropped): no step computes a finished row."""
+        device = self.model.device
+        mask = attention.to(device)
+        positions = (mask.cumsum(-1) - 1).clamp(min=0)
+        out: list[list[int]] = [[] for _ in steps]
+        live = [i for i, n in enumerate(steps) if n > 0]
+        ids, past = input_ids.to(device)[live], None
+        mask, positions = mask[live], positions[live]
+        with torch.inference_mode():
+            while live:
+                result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
+                                    use_cache=True, logits_to_keep=1)
+                past = result.past_key_values
+                picks = result.logits[:, -1].float().argmax(-1)
+                keep = []
+                for j, (i, tok) in enumerate(zip(live, picks.tolist())):
+                    if tok not in eos:
+                        out[i].append(tok)
+                        if len(out[i]) < steps[i]:
+                            keep.append(j)
+                if len(keep) < len(live):
+                    if not keep:
                         break
-                results.append((request, self.tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n))
-            yield results
+                    index = torch.tensor(keep, device=device)
+                    past.batch_select_indices(index)
+                    picks, mask, positions = picks[index], mask[index], positions[index]
+                    live = [live[j] for j in keep]
+                ids = picks[:, None]
+                mask = torch.cat([mask, mask.new_ones(len(live), 1)], -1)
+                positions = positions[:, -1:] + 1
+        return out
 
     def _stop_ids(self) -> list[int]:
         ids = {self.tokenizer.eos_token_id}

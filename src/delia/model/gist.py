@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..conversation import first_user_turn, split_wording
-from .generate import LocalGenerator, Request, batch_seed, draw, length_sorted_chunks, request_ids
+from .generate import LocalGenerator, Request, answer_of, batch_seed, draw, length_sorted_chunks, request_ids
 
 FIELD = "gist"
 """A tokenized row's gist: [the token's position, the positions it hides from what follows], or []."""
@@ -70,7 +70,7 @@ class GistGenerator(LocalGenerator):
 
     def batches(self, requests: Sequence[Request], max_new_tokens: int, temperature: float = 0.0,
                 top_p: float = 1.0, seed: int = 0) -> Iterator[list[tuple[Request, str, int]]]:
-        encoded = [(request_ids(self.tokenizer, r), r) for r in requests]
+        encoded = [(request_ids(self.tokenizer, r) + list(r.prefix), r) for r in requests]
         pad = self.tokenizer.pad_token_id
         eos = set(self._stop_ids())
         dtype = self.model.get_input_embeddings().weight.dtype
@@ -86,24 +86,35 @@ class GistGenerator(LocalGenerator):
             attend = gist_attention(mask, gists, dtype) == 0  # [batch, 1, width, width]; then one query row a step
             positions = (mask.cumsum(-1) - 1).clamp(min=0)
             generator = torch.Generator().manual_seed(batch_seed(seed, [r.key for _, r in chunk]))
+            steps = [max_new_tokens - len(r.prefix) for _, r in chunk]
             out: list[list[int]] = [[] for _ in chunk]
-            done = [False] * len(chunk)
-            past = None
+            live = [i for i, n in enumerate(steps) if n > 0]  # greedy: a finished row leaves the batch
+            ids, attend, positions, past = ids[live], attend[live], positions[live], None
+            ended: set[int] = set()
             with torch.inference_mode():
-                for _ in range(max_new_tokens):
+                while live:
                     additive = torch.zeros(attend.shape, dtype=dtype).masked_fill(~attend, torch.finfo(dtype).min)
                     result = self.model(input_ids=ids.to(device), attention_mask=additive.to(device),
-                                        position_ids=positions.to(device), past_key_values=past, use_cache=True)
+                                        position_ids=positions.to(device), past_key_values=past, use_cache=True,
+                                        logits_to_keep=1)
                     past = result.past_key_values
                     nxt = draw(result.logits[:, -1].float().cpu(), temperature, top_p, generator)
-                    for i, tok in enumerate(nxt.tolist()):
-                        if not done[i]:
-                            done[i] = tok in eos
-                            if not done[i]:
-                                out[i].append(tok)
-                    if all(done):
+                    going = []
+                    for j, (i, tok) in enumerate(zip(live, nxt.tolist())):
+                        if i not in ended and tok not in eos:
+                            out[i].append(tok)
+                        if i in ended or tok in eos or len(out[i]) >= steps[i]:
+                            ended.add(i)
+                        else:
+                            going.append(j)
+                    if not going:
                         break
+                    if temperature <= 0 and len(going) < len(live):  # sampling keeps the batch: the same draws
+                        index = torch.tensor(going)
+                        past.batch_select_indices(index.to(device))
+                        nxt, attend, positions = nxt[index], attend[index], positions[index]
+                        live = [live[j] for j in going]
                     ids, positions = nxt[:, None], positions[:, -1:] + 1
                     last = attend[:, :, -1:, :]  # the next token reads what the last position read, and it
                     attend = torch.cat([last, torch.ones_like(last[..., :1])], -1)
-            yield [(r, self.tokenizer.decode(o, skip_special_tokens=True).strip(), len(o)) for (_, r), o in zip(chunk, out)]
+            yield [(r, *answer_of(self.tokenizer, r, o, eos, max_new_tokens)) for (_, r), o in zip(chunk, out)]

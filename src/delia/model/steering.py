@@ -50,6 +50,8 @@ class SteeringGenerator(LocalGenerator):
     """Plain generation with `vector` added after block `layer` at every prompt position holding a token of
     `token_ids`."""
 
+    continues_prefixes = False
+
     def __init__(self, model, tokenizer, vector: torch.Tensor, layer: int, token_ids: list[int], batch_size: int = 16):
         super().__init__(model, tokenizer, batch_size)
         self.vector, self.layer, self.token_ids = vector, layer, list(token_ids)
