@@ -122,6 +122,20 @@ def answer_of(tokenizer, request: Request, generated: list[int], eos, max_new_to
     return tokenizer.decode(row[:n], skip_special_tokens=True).strip(), n
 
 
+def step_rows(out: list[list[int]], live: list[int], tokens: list[int], steps: list[int], eos, ended: set[int]) -> list[int]:
+    """One decoding step's bookkeeping: row `live[j]` gets `tokens[j]` unless it is a stop token or the row
+    has `ended`; a row ends at a stop token or at its `steps` tokens. The positions j of the rows going on."""
+    going = []
+    for j, (i, tok) in enumerate(zip(live, tokens)):
+        if i not in ended and tok not in eos:
+            out[i].append(tok)
+        if i in ended or tok in eos or len(out[i]) >= steps[i]:
+            ended.add(i)
+        else:
+            going.append(j)
+    return going
+
+
 class LocalGenerator:
     continues_prefixes = True
     """It goes on from a request's `prefix` (the subclasses that change the logits do not)."""
@@ -189,7 +203,7 @@ class LocalGenerator:
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out: list[list[int]] = [[] for _ in steps]
         live = [i for i, n in enumerate(steps) if n > 0]
-        ids, past = input_ids.to(device)[live], None
+        ids, past, ended = input_ids.to(device)[live], None, set()
         mask, positions = mask[live], positions[live]
         with torch.inference_mode():
             while live:
@@ -197,15 +211,10 @@ class LocalGenerator:
                                     use_cache=True, logits_to_keep=1)
                 past = result.past_key_values
                 picks = result.logits[:, -1].float().argmax(-1)
-                keep = []
-                for j, (i, tok) in enumerate(zip(live, picks.tolist())):
-                    if tok not in eos:
-                        out[i].append(tok)
-                        if len(out[i]) < steps[i]:
-                            keep.append(j)
+                keep = step_rows(out, live, picks.tolist(), steps, eos, ended)
+                if not keep:
+                    break
                 if len(keep) < len(live):
-                    if not keep:
-                        break
                     index = torch.tensor(keep, device=device)
                     past.batch_select_indices(index)
                     picks, mask, positions = picks[index], mask[index], positions[index]

@@ -16,7 +16,7 @@ from typing import Iterator, Sequence
 import torch
 
 from ..conversation import first_user_turn, split_wording
-from .generate import LocalGenerator, Request, answer_of, batch_seed, draw, length_sorted_chunks, request_ids
+from .generate import LocalGenerator, Request, answer_of, batch_seed, draw, length_sorted_chunks, request_ids, step_rows
 
 FIELD = "gist"
 """A tokenized row's gist: [the token's position, the positions it hides from what follows], or []."""
@@ -99,14 +99,7 @@ class GistGenerator(LocalGenerator):
                                         logits_to_keep=1)
                     past = result.past_key_values
                     nxt = draw(result.logits[:, -1].float().cpu(), temperature, top_p, generator)
-                    going = []
-                    for j, (i, tok) in enumerate(zip(live, nxt.tolist())):
-                        if i not in ended and tok not in eos:
-                            out[i].append(tok)
-                        if i in ended or tok in eos or len(out[i]) >= steps[i]:
-                            ended.add(i)
-                        else:
-                            going.append(j)
+                    going = step_rows(out, live, nxt.tolist(), steps, eos, ended)
                     if not going:
                         break
                     if temperature <= 0 and len(going) < len(live):  # sampling keeps the batch: the same draws
