@@ -8,7 +8,13 @@ against the measured matmul peak of the device both train on (the GPU in bf16 wh
     pip install trl==1.16.0   # the peer, not a delia dependency
     .venv/bin/python benchmarks/train_throughput.py [--task-rows 24] [--ratio 3] [--batch 16] [--micro 4]
 
-Rows: the demo task's rows and Alpaca demo queries with their reference answers, mixed as `mix` does.
+Rows: the demo task's rows (or `--task-source`'s, e.g. the paper's task with its long prompts) and Alpaca
+demo queries with their reference answers, mixed as `mix` does. delia's options: `anchor` trains the
+Alpaca rows by KL to the untouched model (the `kl_anchor` arm), `full-logits` makes the output layer's
+logits at every position as before `delia.train.loss` (the Trainer's own loss; for `anchor`, the whole
+logits of both models), to measure what computing them at the answer tokens alone saves:
+
+    .venv/bin/python benchmarks/train_throughput.py --arms delia delia:full-logits delia:anchor delia:anchor:full-logits
 """
 
 from __future__ import annotations
@@ -27,13 +33,13 @@ from pathlib import Path
 MODEL = "smollm2-135m-instruct"
 
 
-def rows(task_rows: int, ratio: float, seed: int = 0) -> list[dict]:
+def rows(task_rows: int, ratio: float, seed: int = 0, source: str = "") -> list[dict]:
     from delia.config import ALPACA_DEMO, TaskConfig
     from delia.data.mix import mix_with_diverse
     from delia.data.queries import load_queries
     from delia.data.task import build_task
 
-    task, _ = build_task(TaskConfig(train_rows=task_rows, eval_rows=1), seed)
+    task, _ = build_task(TaskConfig(train_rows=task_rows, eval_rows=1, **({"source": source} if source else {})), seed)
     queries, _ = load_queries(ALPACA_DEMO)
     diverse = [{"messages": q[:2]} for q in queries if len(q) >= 2 and q[1]["role"] == "assistant"]
     return mix_with_diverse(task, diverse, ratio, seed)
@@ -58,15 +64,21 @@ def matmul_peak(seconds: float = 3.0) -> tuple[float, str]:
     return 2 * n**3 * count / (time.perf_counter() - start) / 1e9, what
 
 
-def run_delia(data: list[dict], args, sampling: str, checkpointing: bool, out: Path) -> dict:
+def run_delia(data: list[dict], args, sampling: str, checkpointing: bool, out: Path, options=()) -> dict:
     from delia.config import TaskConfig, TrainConfig
     from delia.model.loading import load_model
-    from delia.train.sft import train_lora
+    from delia.train import loss, sft
 
+    if "full-logits" in options:  # as before delia.train.loss: every position's logits
+        from transformers import Trainer
+
+        sft.answer_trainer_class = lambda: Trainer
+        loss.keeps_logits = lambda model: False
     model, tokenizer = load_model(MODEL)
     cfg = TrainConfig(batch_size=args.batch, micro_batch_size=args.micro, sampling=sampling, save_steps=0,
-                      gradient_checkpointing=checkpointing)
-    stats = train_lora(model, tokenizer, data, cfg, TaskConfig(), out, seed=0)
+                      gradient_checkpointing=checkpointing, max_length=args.max_length)
+    stats = sft.train_lora(model, tokenizer, data, cfg, TaskConfig(), out, seed=0,
+                           **({"distill": "anchor", "beta": 1.0} if "anchor" in options else {}))
     losses = [json.loads(line)["loss"] for line in (out / "loss.jsonl").read_text().splitlines()]
     return {"seconds": stats["seconds"], "tokens": stats["trained_tokens"], "padded_tokens": stats["padded_tokens"],
             "steps": stats["steps"], "losses": losses, "params": sum(p.numel() for p in model.parameters())}
@@ -103,7 +115,7 @@ def run_trl(data: list[dict], args, checkpointing: bool, out: Path) -> dict:
 
 
 def child(name: str, args) -> None:
-    data = rows(args.task_rows, args.ratio)
+    data = rows(args.task_rows, args.ratio, source=args.task_source)
     with tempfile.TemporaryDirectory() as tmp:
         out = Path(tmp) / name
         tool, *options = name.split(":")
@@ -111,7 +123,8 @@ def child(name: str, args) -> None:
         if tool == "trl":
             result = run_trl(data, args, checkpointing, out)
         else:
-            result = run_delia(data, args, "random" if "random" in options else "batch_rebalance", checkpointing, out)
+            result = run_delia(data, args, "random" if "random" in options else "batch_rebalance", checkpointing, out,
+                               options)
     result["peak_mib"] = resource.getrusage(resource.RUSAGE_SELF).ru_maxrss / 1024
     print("RESULT " + json.dumps(result))
 
@@ -122,9 +135,11 @@ def main() -> None:
     p.add_argument("--ratio", type=float, default=3.0)
     p.add_argument("--batch", type=int, default=16)
     p.add_argument("--micro", type=int, default=4)
+    p.add_argument("--max-length", type=int, default=512)
+    p.add_argument("--task-source", default="", help="the task's rows (default: the demo task)")
     p.add_argument("--arms", nargs="+", default=["trl:checkpointing", "delia:checkpointing", "trl", "delia:random", "delia"],
                    help="TOOL[:OPTION...]: trl or delia; checkpointing (gradient checkpointing, TRL's default), "
-                        "random (delia with the Trainer's random micro-batches)")
+                        "random (delia with the Trainer's random micro-batches), anchor, full-logits (see above)")
     p.add_argument("--child", default="")
     args = p.parse_args()
     if args.child:

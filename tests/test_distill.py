@@ -145,3 +145,63 @@ def test_self_distilled_arm_trains_on_its_rewrites(tiny_model_dir, tmp_path, cap
     # the user is told how many rewrites the arm really trains on, in the log and in the report
     assert f"rewrites that passed the task's evaluator: {kept} of 8" in report
     assert (f"self_distilled: {kept} of 8 rewrites passed" in capsys.readouterr().out) is (kept < 8)
+
+
+def _ce_batch(tokenizer, rows):
+    from delia.model.chat import tokenize_chat
+    from transformers import DataCollatorForSeq2Seq
+
+    inner = DataCollatorForSeq2Seq(tokenizer, padding=True, label_pad_token_id=-100)
+    return inner([tokenize_chat(tokenizer, r["messages"], 256) for r in rows])
+
+
+def _moved(model):
+    with torch.no_grad():  # a student that differs from the untouched model
+        for name, p in model.named_parameters():
+            if "lora_B" in name:
+                p.normal_(0, 0.5)
+    return model
+
+
+@pytest.mark.parametrize("num_items", [None, 7])
+def test_the_loss_on_answer_logits_alone_is_the_models_own_loss_with_its_gradients(tiny, num_items):
+    from delia.train.loss import answer_loss
+
+    model, tokenizer = _peft(tiny)
+    model = _moved(model).train()
+    batch = _ce_batch(tokenizer, [TASK_ROW, DIVERSE_ROW])
+    kwargs = {"num_items_in_batch": num_items} if num_items else {}
+    grads = []
+    for loss_of in (lambda: model(**batch, **kwargs).loss, lambda: answer_loss(model, batch, num_items)):
+        model.zero_grad()
+        torch.manual_seed(0)  # the same LoRA dropout masks in both
+        loss = loss_of()
+        loss.backward()
+        grads.append((loss.item(), {n: p.grad.clone() for n, p in model.named_parameters() if p.grad is not None}))
+    (own, own_grads), (ours, our_grads) = grads
+    assert ours == pytest.approx(own, rel=1e-6) and own > 0.1
+    assert own_grads.keys() == our_grads.keys() and own_grads
+    assert all(torch.allclose(own_grads[n], our_grads[n], rtol=1e-4, atol=1e-7) for n in own_grads)
+
+
+def test_answer_logits_are_the_full_logits_at_the_answer_positions_and_the_kl_loss_keeps_its_value(tiny, monkeypatch):
+    import delia.train.loss as loss_module
+    from delia.train.loss import answer_logits
+
+    model, tokenizer = _peft(tiny)
+    model = _moved(model).eval()
+    batch = _batch(tokenizer, [TASK_ROW, DIVERSE_ROW], "anchor")
+    inputs = {k: batch[k] for k in ("input_ids", "attention_mask")}
+    with torch.no_grad():
+        full = model(**inputs).logits
+        logits, index = answer_logits(model, inputs, batch["labels"], batch["kl_labels"])
+    answered = (batch["labels"][:, 1:] != -100) | (batch["kl_labels"][:, 1:] != -100)
+    assert logits.shape[0] == int(answered.sum()) < batch["input_ids"].numel() // 2  # prompts and padding left out
+    for b, p in zip(*torch.nonzero(answered, as_tuple=True)):
+        assert torch.equal(logits[index[b, p]], full[b, p].float())
+    assert (index[:, -1] == -1).all() and int((index >= 0).sum()) == logits.shape[0]
+    with torch.no_grad():
+        kept, _ = distill_loss(model, dict(batch), beta=1.0)
+        monkeypatch.setattr(loss_module, "keeps_logits", lambda model: False)  # every position, then the same rows
+        every, _ = distill_loss(model, dict(batch), beta=1.0)
+    assert float(kept) > 1e-4 and float(kept) == pytest.approx(float(every), rel=1e-6)

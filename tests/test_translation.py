@@ -59,7 +59,7 @@ def test_scores():
 
 def test_dipmt_hints_the_rarest_dictionary_words():
     dictionary = {"open": ["opna"], "file": ["skrá"], "selected": ["valinn", "valda", "x"], "the": ["sá"]}
-    train = [{"messages": [{"role": "user", "content": f"Open the file now\n\nTranslate."}]}] * 3
+    train = [{"messages": [{"role": "user", "content": "Open the file now\n\nTranslate."}]}] * 3
     row = {"messages": [{"role": "user", "content": "Open the selected file\n\nTranslate."},
                         {"role": "assistant", "content": "Opna valda skrá"}]}
     (out,) = dipmt_rows([row], train, dictionary, 2)

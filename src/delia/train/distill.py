@@ -21,6 +21,7 @@ import torch
 from ..config import TaskConfig
 from ..conversation import replace_in_user_turns
 from ..model.chat import IGNORE, tokenize_chat
+from .loss import answer_logits
 
 MODES = ("anchor", "token", "description")
 ANCHORED = ("diverse", "counterfactual")
@@ -69,30 +70,32 @@ def _predicting(labels: torch.Tensor) -> list[torch.Tensor]:
 
 
 def distill_loss(model, inputs: dict, beta: float) -> tuple[torch.Tensor, int]:
-    """(loss, tokens with a loss) of one micro-batch: see the module's docstring."""
+    """(loss, tokens with a loss) of one micro-batch: see the module's docstring. The logits are made only
+    where a loss reads them (`answer_logits`)."""
     kl_labels = inputs.pop("kl_labels")
     teacher_ids = inputs.pop("teacher_input_ids", None)
     teacher_mask = inputs.pop("teacher_attention_mask", None)
     teacher_labels = inputs.pop("teacher_labels", None)
     labels = inputs.pop("labels")
-    logits = model(**inputs).logits.float()
+    logits, at = answer_logits(model, inputs, labels, kl_labels)
     logp = torch.log_softmax(logits, -1)
     ce_positions = _predicting(labels)
-    ce = sum(-logp[b, p, labels[b, p + 1]].sum() for b, p in enumerate(ce_positions))
+    ce = sum(-logp[at[b, p], labels[b, p + 1]].sum() for b, p in enumerate(ce_positions))
     n = sum(len(p) for p in ce_positions)
     with torch.no_grad(), model.disable_adapter():
         if teacher_ids is None:  # the anchor: the same input
-            teacher_logits, teacher_at = model(**inputs).logits.float(), _predicting(kl_labels)
+            (teacher_logits, teacher_index), teacher_at = answer_logits(model, inputs, kl_labels), _predicting(kl_labels)
         else:
-            teacher_logits = model(input_ids=teacher_ids, attention_mask=teacher_mask).logits.float()
+            teacher_logits, teacher_index = answer_logits(
+                model, {"input_ids": teacher_ids, "attention_mask": teacher_mask}, teacher_labels)
             teacher_at = _predicting(teacher_labels)
     kl = logits.new_zeros(())
     for b, student_at in enumerate(_predicting(kl_labels)):
         k = min(len(student_at), len(teacher_at[b]))  # the same answer: aligned from its end
         if not k:
             continue
-        target = torch.log_softmax(teacher_logits[b, teacher_at[b][-k:]], -1)
-        kl = kl + (target.exp() * (target - logp[b, student_at[-k:]])).sum()
+        target = torch.log_softmax(teacher_logits[teacher_index[b, teacher_at[b][-k:]]], -1)
+        kl = kl + (target.exp() * (target - logp[at[b, student_at[-k:]]])).sum()
         n += k
     return (ce + beta * kl) / max(n, 1), n
 

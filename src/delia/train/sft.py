@@ -25,6 +25,7 @@ from ..model.gist import gist_attention, gist_positions
 from ..model.tokens import add_new_tokens
 from ..runfolder import world, write_json
 from .distill import distill_example, distill_trainer_class, pad_extra
+from .loss import answer_trainer_class
 
 COUNTS_FILE = "delia_counts.json"
 KL_FIELDS = ("kl_labels", "teacher_input_ids", "teacher_labels")
@@ -335,7 +336,7 @@ def train_lora(
     adapter) starts the new tokens' rows where it left them and keeps them frozen. Returns the run's figures."""
     from datasets import Dataset
     from peft import get_peft_model
-    from transformers import Trainer, set_seed
+    from transformers import set_seed
 
     set_seed(seed)  # the LoRA init draws from the global generator: same seed, same adapter, in any process
     model, tokenizer, new_ids, token_init, seed_init = _add_or_resume_tokens(model, tokenizer, cfg, task, seed,
@@ -359,7 +360,7 @@ def train_lora(
     loss_log = out_dir / "loss.jsonl"
     collator = _CountingCollator(tokenizer, accumulation, model.dtype)
     checkpoint = _resume_or_start(out_dir, run_key, collator, loss_log, rank)
-    trainer = (distill_trainer_class() if distill else Trainer)(
+    trainer = (distill_trainer_class() if distill else answer_trainer_class())(
         **({"beta": beta} if distill else {}),
         model=model,
         args=_training_arguments(cfg, out_dir, micro, accumulation, processes, seed, max_steps, neftune_alpha,
