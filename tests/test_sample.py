@@ -99,36 +99,53 @@ def test_draw_draws_what_transformers_sampling_draws(temperature, top_p):
     assert torch.equal(draw(logits, 0.0, top_p), logits.argmax(-1))
 
 
-def test_sampled_answers_are_those_of_transformers_sampling(tiny_model_dir):
-    """The local backend's sampled answers equal `generate` sampling with its own warpers from the same seed."""
+@pytest.fixture(params=[256, 1], ids=["chunk-256", "chunk-1"])
+def cache_chunk(request, monkeypatch):
+    """The decoding cache's buffer grown by its default chunk, and by one position a step (it grows at every
+    step, while finished rows leave the batch)."""
+    from delia.model.cache import BufferLayer
+
+    monkeypatch.setattr(BufferLayer, "CHUNK", request.param)
+    return request.param
+
+
+def test_sampled_answers_are_those_of_transformers_sampling(tiny_model_dir, cache_chunk):
+    """The local backend's sampled answers equal `generate` sampling with its own warpers (and its own
+    key cache) from the same seed, though rows that have ended leave the local backend's batch (a stop
+    token the varied model often draws)."""
     import torch
 
-    from delia.model.generate import Request, batch_seed, request_ids
-    from delia.model.loading import load_model
+    from conftest import varied_model
+    from delia.model.generate import Request, batch_seed, length_sorted_chunks, request_ids
 
-    model, tok = load_model(tiny_model_dir, "float32")
+    model, tok = varied_model(tiny_model_dir)
+    gen = LocalGenerator(model, tok, 4)
+    stop = [tok.eos_token_id, 174]
+    gen._stop_ids = lambda: stop
     requests = [Request(key=str(i), messages=[{"role": "user", "content": f"Name {i} colours, then {i} birds."}])
-                for i in range(3)]
-    ours = [text for batch in LocalGenerator(model, tok, 3).batches(requests, 12, 0.9, 0.8, seed=5) for _, text, _ in batch]
-    encoded = sorted(((request_ids(tok, r), r) for r in requests), key=lambda e: len(e[0]))
-    width = max(len(ids) for ids, _ in encoded)
-    ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i, _ in encoded])
-    mask = (torch.arange(width)[None] >= torch.tensor([[width - len(i)] for i, _ in encoded])).long()
-    torch.manual_seed(batch_seed(5, [r.key for _, r in encoded]))
-    out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.9,
-                         top_p=0.8, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=LocalGenerator(model, tok)._stop_ids())
-    theirs = []
-    for row in out[:, width:].tolist():
-        stop = LocalGenerator(model, tok)._stop_ids()
-        n = next((j for j, t in enumerate(row) if t in stop), len(row))
-        theirs.append(tok.decode(row[:n], skip_special_tokens=True).strip())
-    assert ours == theirs and len(set(ours)) > 1
+                for i in range(8)]
+    ours = {r.key: (text, n) for batch in gen.batches(requests, 12, 0.9, 0.8, seed=5) for r, text, n in batch}
+    theirs = {}
+    for chunk in length_sorted_chunks([(request_ids(tok, r), r) for r in requests], 4):
+        width = max(len(ids) for ids, _ in chunk)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i, _ in chunk])
+        mask = (torch.arange(width)[None] >= torch.tensor([[width - len(i)] for i, _ in chunk])).long()
+        torch.manual_seed(batch_seed(5, [r.key for _, r in chunk]))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.9,
+                             top_p=0.8, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=stop)
+        for row, (_, r) in zip(out[:, width:].tolist(), chunk):
+            n = next((j for j, t in enumerate(row) if t in stop), len(row))
+            theirs[r.key] = (tok.decode(row[:n], skip_special_tokens=True).strip(), n)
+    assert ours == theirs and len({t for t, _ in ours.values()}) > 1
+    counts = [n for _, n in ours.values()]
+    assert min(counts) < 10 and max(counts) == 12  # rows left the batch before others ended
 
 
-def test_greedy_answers_are_those_of_transformers_greedy_search(tiny_model_dir):
+def test_greedy_answers_are_those_of_transformers_greedy_search(tiny_model_dir, cache_chunk):
     """The local backend decodes greedily with finished rows leaving the batch: the same answers and counts
-    as `generate`'s greedy search over the same batches, rows ending at different steps (a stop token
-    the model picks often; requests that go on from answer tokens already known)."""
+    as `generate`'s greedy search (with transformers' own key cache) over the same batches, rows ending at
+    different steps (a stop token the model picks often; requests that go on from answer tokens already
+    known)."""
     import torch
 
     from conftest import varied_model
@@ -159,3 +176,33 @@ def test_greedy_answers_are_those_of_transformers_greedy_search(tiny_model_dir):
     assert ours == theirs
     counts = [n for _, n in ours.values()]
     assert min(counts) < 10 and max(counts) == 12 and len(set(counts)) > 2  # rows left the batch at several steps
+
+
+def test_the_decoding_cache_holds_what_transformers_cache_holds():
+    """`BufferLayer` shows the same keys and values as transformers' `DynamicLayer` through prefill, steps,
+    growth past its chunk, rows leaving, repeats and crops."""
+    import torch
+    from transformers.cache_utils import DynamicLayer
+
+    from delia.model.cache import BufferLayer
+
+    ours, theirs = BufferLayer(), DynamicLayer()
+    ours.CHUNK = 3
+    torch.manual_seed(0)
+    for step, width in enumerate([5, 1, 1, 1, 4, 1]):
+        rows = theirs.keys.shape[0] if step else 2
+        k, v = torch.randn(rows, 2, width, 4), torch.randn(rows, 2, width, 4)
+        got, want = ours.update(k, v), theirs.update(k, v)
+        assert all(torch.equal(a, b) for a, b in zip(got, want))
+        if step == 2:
+            for layer in (ours, theirs):
+                layer.batch_repeat_interleave(2)
+        if step == 3:
+            for layer in (ours, theirs):
+                layer.batch_select_indices(torch.tensor([3, 0]))
+        if step == 4:
+            for layer in (ours, theirs):
+                layer.crop(-2)
+        assert ours.get_seq_length() == theirs.get_seq_length()
+        assert torch.equal(ours.keys, theirs.keys) and torch.equal(ours.values, theirs.values)
+    assert ours.get_seq_length() == 5 + 3 + 4 - 2 + 1

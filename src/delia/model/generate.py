@@ -84,6 +84,20 @@ def draw(logits: torch.Tensor, temperature: float, top_p: float, generator: torc
     return torch.multinomial(torch.softmax(scores, -1), 1, generator=generator)[:, 0]
 
 
+def draw_live(logits: torch.Tensor, live: list[int], rows: int, temperature: float, top_p: float,
+              generator: torch.Generator | None = None) -> torch.Tensor:
+    """`draw` for the `live` rows of a batch of `rows`, given their logits alone: sampling draws for every
+    row, an ended one from a one-token distribution, since `torch.multinomial` then takes the same random
+    numbers for the live rows as when every row's logits are there (the same tokens as transformers'
+    `generate`, which computes every row to the end)."""
+    if temperature <= 0:
+        return logits.argmax(-1)
+    index = torch.tensor(live, device=logits.device)
+    every = logits.new_full((rows, logits.shape[-1]), float("-inf"))
+    every[:, 0] = 0.0
+    return draw(every.index_copy_(0, index, logits), temperature, top_p, generator)[index]
+
+
 def nucleus(scores: torch.Tensor, top_p: float, k: int = 64) -> torch.Tensor:
     """Which tokens transformers' top-p warper keeps ([rows, vocabulary], bool): a token stays while the
     mass ranked above it is under `top_p`. Looked for among the `k` most probable tokens, and in the
@@ -170,12 +184,15 @@ class LocalGenerator:
             steps = [max_new_tokens - len(r.prefix) for _, r in chunk]
             input_ids = torch.tensor([[pad] * (width - len(ids)) + ids for ids, _ in chunk])
             attention = torch.tensor([[0] * (width - len(ids)) + [1] * len(ids) for ids, _ in chunk])
-            if temperature <= 0 and should_stop is None and streamer is None:
-                rows = self._greedy(input_ids, attention, steps, eos)
+            if temperature > 0:
+                torch.manual_seed(batch_seed(seed, [r.key for _, r in chunk]))
+            if should_stop is None and streamer is None:
+                rows = self._decode(input_ids, attention, steps, eos, temperature, top_p)
                 yield [(request, *answer_of(self.tokenizer, request, row, eos, max_new_tokens))
                        for row, (_, request) in zip(rows, chunk)]
                 continue
-            torch.manual_seed(batch_seed(seed, [r.key for _, r in chunk]))
+            from .cache import decoding_cache
+
             with torch.inference_mode():
                 out = self.model.generate(
                     input_ids=input_ids.to(self.model.device),
@@ -183,6 +200,7 @@ class LocalGenerator:
                     max_new_tokens=max(max(steps), 1),
                     do_sample=False,  # sampling is the last logits processor's (`draw`)
                     logits_processor=[_Sampler(temperature, top_p)] if temperature > 0 else None,
+                    past_key_values=decoding_cache(self.model),
                     temperature=None,
                     top_p=None,
                     top_k=None,
@@ -194,23 +212,30 @@ class LocalGenerator:
             yield [(request, *answer_of(self.tokenizer, request, row, eos, max_new_tokens))
                    for row, (_, request) in zip(out[:, width:].tolist(), chunk)]
 
-    def _greedy(self, input_ids: torch.Tensor, attention: torch.Tensor, steps: list[int], eos) -> list[list[int]]:
-        """Greedy answers of left-padded prompts, each up to its `steps` tokens, as transformers' greedy
-        `generate` decodes them, except that a row that has ended leaves the batch (its key cache rows
-        are dropped): no step computes a finished row."""
+    def _decode(self, input_ids: torch.Tensor, attention: torch.Tensor, steps: list[int], eos,
+                temperature: float = 0.0, top_p: float = 1.0) -> list[list[int]]:
+        """Answers of left-padded prompts, each up to its `steps` tokens, as transformers' `generate` decodes
+        them (greedy, or sampled by `draw` from the global random state), except that a row that has ended
+        leaves the batch (its key cache rows are dropped): no step computes a finished row. Sampling still
+        draws for every row of the batch, an ended one from a one-token distribution: `torch.multinomial`
+        takes the same random numbers for the others as when every row is computed, so they draw the same
+        tokens as `generate` does."""
+        from .cache import decoding_cache
+
         device = self.model.device
         mask = attention.to(device)
         positions = (mask.cumsum(-1) - 1).clamp(min=0)
         out: list[list[int]] = [[] for _ in steps]
         live = [i for i, n in enumerate(steps) if n > 0]
-        ids, past, ended = input_ids.to(device)[live], None, set()
+        ids, past, ended = input_ids.to(device)[live], decoding_cache(self.model), set()
         mask, positions = mask[live], positions[live]
         with torch.inference_mode():
             while live:
                 result = self.model(input_ids=ids, attention_mask=mask, position_ids=positions, past_key_values=past,
                                     use_cache=True, logits_to_keep=1)
                 past = result.past_key_values
-                picks = result.logits[:, -1].float().argmax(-1)
+                logits = result.logits[:, -1].float()
+                picks = draw_live(logits, live, len(steps), temperature, top_p)
                 keep = step_rows(out, live, picks.tolist(), steps, eos, ended)
                 if not keep:
                     break

@@ -16,7 +16,8 @@ from typing import Iterator, Sequence
 import torch
 
 from ..conversation import first_user_turn, split_wording
-from .generate import LocalGenerator, Request, answer_of, batch_seed, draw, length_sorted_chunks, request_ids, step_rows
+from .generate import (LocalGenerator, Request, answer_of, batch_seed, draw_live, length_sorted_chunks, request_ids,
+                       step_rows)
 
 FIELD = "gist"
 """A tokenized row's gist: [the token's position, the positions it hides from what follows], or []."""
@@ -70,6 +71,8 @@ class GistGenerator(LocalGenerator):
 
     def batches(self, requests: Sequence[Request], max_new_tokens: int, temperature: float = 0.0,
                 top_p: float = 1.0, seed: int = 0) -> Iterator[list[tuple[Request, str, int]]]:
+        from .cache import decoding_cache
+
         encoded = [(request_ids(self.tokenizer, r) + list(r.prefix), r) for r in requests]
         pad = self.tokenizer.pad_token_id
         eos = set(self._stop_ids())
@@ -88,8 +91,8 @@ class GistGenerator(LocalGenerator):
             generator = torch.Generator().manual_seed(batch_seed(seed, [r.key for _, r in chunk]))
             steps = [max_new_tokens - len(r.prefix) for _, r in chunk]
             out: list[list[int]] = [[] for _ in chunk]
-            live = [i for i, n in enumerate(steps) if n > 0]  # greedy: a finished row leaves the batch
-            ids, attend, positions, past = ids[live], attend[live], positions[live], None
+            live = [i for i, n in enumerate(steps) if n > 0]  # a finished row leaves the batch
+            ids, attend, positions, past = ids[live], attend[live], positions[live], decoding_cache(self.model)
             ended: set[int] = set()
             with torch.inference_mode():
                 while live:
@@ -98,11 +101,11 @@ class GistGenerator(LocalGenerator):
                                         position_ids=positions.to(device), past_key_values=past, use_cache=True,
                                         logits_to_keep=1)
                     past = result.past_key_values
-                    nxt = draw(result.logits[:, -1].float().cpu(), temperature, top_p, generator)
+                    nxt = draw_live(result.logits[:, -1].float().cpu(), live, len(chunk), temperature, top_p, generator)
                     going = step_rows(out, live, nxt.tolist(), steps, eos, ended)
                     if not going:
                         break
-                    if temperature <= 0 and len(going) < len(live):  # sampling keeps the batch: the same draws
+                    if len(going) < len(live):
                         index = torch.tensor(going)
                         past.batch_select_indices(index.to(device))
                         nxt, attend, positions = nxt[index], attend[index], positions[index]
