@@ -99,6 +99,31 @@ def test_draw_draws_what_transformers_sampling_draws(temperature, top_p):
     assert torch.equal(draw(logits, 0.0, top_p), logits.argmax(-1))
 
 
+def generated_by_transformers(model, tok, requests, batch_size: int, max_new_tokens: int, stop, seed=None,
+                              **decoding) -> dict:
+    """{key: (text, tokens)} of plain `generate` (its own key cache, every row computed to the end) over the
+    local backend's batches (length-sorted, left-padded; a request's prefix goes before its answer and
+    counts toward `max_new_tokens`); `seed`: each batch seeded as the local backend seeds it."""
+    import torch
+
+    from delia.model.generate import batch_seed, length_sorted_chunks, request_ids
+
+    answers = {}
+    for chunk in length_sorted_chunks([(request_ids(tok, r) + list(r.prefix), r) for r in requests], batch_size):
+        width = max(len(i) for i, _ in chunk)
+        ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i, _ in chunk])
+        mask = (torch.arange(width)[None] >= torch.tensor([[width - len(i)] for i, _ in chunk])).long()
+        if seed is not None:
+            torch.manual_seed(batch_seed(seed, [r.key for _, r in chunk]))
+        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=max_new_tokens,
+                             pad_token_id=tok.pad_token_id, eos_token_id=stop, **decoding)
+        for row, (_, r) in zip(out[:, width:].tolist(), chunk):
+            row = list(r.prefix) + row
+            n = min(next((j for j, t in enumerate(row) if t in stop), len(row)), max_new_tokens)
+            answers[r.key] = (tok.decode(row[:n], skip_special_tokens=True).strip(), n)
+    return answers
+
+
 @pytest.fixture(params=[256, 1], ids=["chunk-256", "chunk-1"])
 def cache_chunk(request, monkeypatch):
     """The decoding cache's buffer grown by its default chunk, and by one position a step (it grows at every
@@ -113,10 +138,8 @@ def test_sampled_answers_are_those_of_transformers_sampling(tiny_model_dir, cach
     """The local backend's sampled answers equal `generate` sampling with its own warpers (and its own
     key cache) from the same seed, though rows that have ended leave the local backend's batch (a stop
     token the varied model often draws)."""
-    import torch
-
     from conftest import varied_model
-    from delia.model.generate import Request, batch_seed, length_sorted_chunks, request_ids
+    from delia.model.generate import Request
 
     model, tok = varied_model(tiny_model_dir)
     gen = LocalGenerator(model, tok, 4)
@@ -125,17 +148,8 @@ def test_sampled_answers_are_those_of_transformers_sampling(tiny_model_dir, cach
     requests = [Request(key=str(i), messages=[{"role": "user", "content": f"Name {i} colours, then {i} birds."}])
                 for i in range(8)]
     ours = {r.key: (text, n) for batch in gen.batches(requests, 12, 0.9, 0.8, seed=5) for r, text, n in batch}
-    theirs = {}
-    for chunk in length_sorted_chunks([(request_ids(tok, r), r) for r in requests], 4):
-        width = max(len(ids) for ids, _ in chunk)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i, _ in chunk])
-        mask = (torch.arange(width)[None] >= torch.tensor([[width - len(i)] for i, _ in chunk])).long()
-        torch.manual_seed(batch_seed(5, [r.key for _, r in chunk]))
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=True, temperature=0.9,
-                             top_p=0.8, top_k=None, pad_token_id=tok.pad_token_id, eos_token_id=stop)
-        for row, (_, r) in zip(out[:, width:].tolist(), chunk):
-            n = next((j for j, t in enumerate(row) if t in stop), len(row))
-            theirs[r.key] = (tok.decode(row[:n], skip_special_tokens=True).strip(), n)
+    theirs = generated_by_transformers(model, tok, requests, 4, 12, stop, seed=5, do_sample=True, temperature=0.9,
+                                       top_p=0.8, top_k=None)
     assert ours == theirs and len({t for t, _ in ours.values()}) > 1
     counts = [n for _, n in ours.values()]
     assert min(counts) < 10 and max(counts) == 12  # rows left the batch before others ended
@@ -146,10 +160,8 @@ def test_greedy_answers_are_those_of_transformers_greedy_search(tiny_model_dir, 
     as `generate`'s greedy search (with transformers' own key cache) over the same batches, rows ending at
     different steps (a stop token the model picks often; requests that go on from answer tokens already
     known)."""
-    import torch
-
     from conftest import varied_model
-    from delia.model.generate import Request, request_ids
+    from delia.model.generate import Request
 
     model, tok = varied_model(tiny_model_dir)
     gen = LocalGenerator(model, tok, 4)
@@ -160,20 +172,7 @@ def test_greedy_answers_are_those_of_transformers_greedy_search(tiny_model_dir, 
     requests = [Request(key=str(i), messages=[{"role": "user", "content": t}], prefix=(42,) * (i % 3))
                 for i, t in enumerate(texts)]
     ours = {r.key: (text, n) for batch in gen.batches(requests, 12) for r, text, n in batch}
-    encoded = sorted(((request_ids(tok, r) + list(r.prefix), r) for r in requests), key=lambda e: len(e[0]))
-    theirs = {}
-    for start in range(0, len(encoded), 4):
-        chunk = encoded[start:start + 4]
-        width = max(len(i) for i, _ in chunk)
-        ids = torch.tensor([[tok.pad_token_id] * (width - len(i)) + i for i, _ in chunk])
-        mask = (torch.arange(width)[None] >= torch.tensor([[width - len(i)] for i, _ in chunk])).long()
-        out = model.generate(input_ids=ids, attention_mask=mask, max_new_tokens=12, do_sample=False,
-                             pad_token_id=tok.pad_token_id, eos_token_id=stop)
-        for row, (_, r) in zip(out[:, width:].tolist(), chunk):
-            row = list(r.prefix) + row
-            n = min(next((j for j, t in enumerate(row) if t in stop), len(row)), 12)
-            theirs[r.key] = (tok.decode(row[:n], skip_special_tokens=True).strip(), n)
-    assert ours == theirs
+    assert ours == generated_by_transformers(model, tok, requests, 4, 12, stop, do_sample=False)
     counts = [n for _, n in ours.values()]
     assert min(counts) < 10 and max(counts) == 12 and len(set(counts)) > 2  # rows left the batch at several steps
 
